@@ -1,0 +1,1 @@
+"""Dagster-free core library: slides, geometry, segmentation, tiling, storage."""

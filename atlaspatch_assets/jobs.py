@@ -1,0 +1,14 @@
+"""Jobs: the default slide job (mask → coords) used by the CLI, the sensor and the demo."""
+
+from dagster import AssetSelection, define_asset_job
+
+from .partitions import slides_partitions
+
+SEGMENT_AND_COORDS = "segment_and_get_coords"
+
+segment_and_coords_job = define_asset_job(
+    SEGMENT_AND_COORDS,
+    selection=AssetSelection.assets("tissue_mask", "patch_coords"),
+    partitions_def=slides_partitions,
+    description="Tissue mask and patch coordinates for the selected slides.",
+)

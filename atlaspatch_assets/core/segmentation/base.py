@@ -18,6 +18,7 @@ class SegmentationParams:
     median_blur_um: float = 56.0  # otsu: median filter size (physical)
     close_um: float = 32.0  # otsu: morphological closing kernel (physical)
     sat_floor: int = 12  # otsu: saturation below this is never tissue (glass/white)
+    sat_ceiling: int = 30  # otsu: saturation above this is always tissue
     sam2_checkpoint: str | None = None  # sam2: local .pt checkpoint (required)
     sam2_config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
     sam2_thumbnail: int = 1024  # sam2: side of the square input
@@ -33,7 +34,7 @@ class SegmentationParams:
             for k in ("sam2_checkpoint", "sam2_config", "sam2_thumbnail"):
                 d.pop(k)
         else:
-            for k in ("median_blur_um", "close_um", "sat_floor"):
+            for k in ("median_blur_um", "close_um", "sat_floor", "sat_ceiling"):
                 d.pop(k)
         return d
 

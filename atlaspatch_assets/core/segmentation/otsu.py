@@ -23,7 +23,9 @@ def segment_otsu(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams
         # Flat saturation: either all glass or all tissue; Otsu is meaningless there.
         return blurred >= max(params.sat_floor * 3, 25)
     thr, _ = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = (blurred > max(thr, params.sat_floor)).astype(np.uint8)
+    # Otsu can split tissue itself (pale vs. strongly stained) when the slide has little glass;
+    # the ceiling keeps pale tissue, the floor keeps glass noise out.
+    mask = (blurred > min(max(thr, params.sat_floor), params.sat_ceiling)).astype(np.uint8)
     k = _odd(params.close_um / thumb_mpp)
     if k > 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))

@@ -1,0 +1,40 @@
+# Set-up and everyday commands. Python 3.10+ with venv; nothing else needs to be on the machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test lint ui install install-dev
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Runtime only (no torch): enough for the demo and the classical segmentation.
+$(VENV)/.base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Tests and SAM2: torch first (pinned; installs from local wheels where available), then sam2
+# from source without build isolation (it compiles against the installed torch).
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q setuptools wheel
+	SAM2_BUILD_CUDA=0 $(BIN)/pip install -q --no-build-isolation 'sam2>=1.0'
+	$(BIN)/pip install -q -e '.[dev,sam2]'
+	touch $@
+
+install: $(VENV)/.base
+install-dev: $(VENV)/.dev
+
+demo: install
+	$(BIN)/atlaspatch demo --output ./demo
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+lint: install-dev
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+ui: install
+	mkdir -p .dagster_home && cp -n dagster.yaml .dagster_home/ 2>/dev/null || true
+	DAGSTER_HOME=$(CURDIR)/.dagster_home $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1

@@ -1,0 +1,227 @@
+"""`atlaspatch` command line: AtlasPatch-compatible options, runs the Dagster assets in process.
+
+Exit codes: 0 all slides done/skipped, 1 any slide failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .core.errors import UsageError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by segment-and-get-coords and detect-tissue (seed names and defaults)."""
+    opts = [
+        click.argument("wsi_path", nargs=-1, required=True, type=click.Path()),
+        click.option("--patch-size", type=int, required=True, help="Patch side at the target magnification (px)"),
+        click.option("--target-mag", type=float, default=None, help="Target magnification, e.g. 20 (= 0.5 µm/px)"),
+        click.option("--target-mpp", type=float, default=None, help="Target µm/px (instead of --target-mag)"),
+        click.option("--step-size", type=int, default=None, help="Stride at the target magnification [patch-size]"),
+        click.option("--output", "-o", type=click.Path(), default="./output", show_default=True,
+                     help="Output root (run folder <mag>x_<patch>px_<overlap>px_overlap inside)"),
+        click.option("--device", default="cpu", show_default=True, help="Segmentation device (cpu, cuda, cuda:<i>)"),
+        click.option("--seg-method", type=click.Choice(["otsu", "sam2"]), default="otsu", show_default=True,
+                     help="Tissue segmentation: classical (no weights) or SAM2 (local checkpoint)"),
+        click.option("--sam2-checkpoint", type=click.Path(), default=None, envvar="ATLASPATCH_SAM2_CHECKPOINT",
+                     help="Local SAM2.1 hiera-tiny checkpoint (.pt) for --seg-method sam2; never downloaded"),
+        click.option("--tissue-thresh", type=float, default=0.01, show_default=True,
+                     help="Minimum tissue region area, fraction of the thumbnail (0-1)"),
+        click.option("--white-thresh", type=int, default=15, show_default=True,
+                     help="Saturation threshold for white patches (--no-fast-mode)"),
+        click.option("--black-thresh", type=int, default=50, show_default=True,
+                     help="Gray threshold for black patches (--no-fast-mode)"),
+        click.option("--min-tissue-fraction", type=float, default=None,
+                     help="Keep patches with at least this tissue fraction [0.5]"),
+        click.option("--seg-batch-size", type=int, default=1, show_default=True,
+                     help="Thumbnails per SAM2 forward (accepted; slides are segmented one per run)"),
+        click.option("--patch-workers", type=int, default=os.cpu_count() or 1, show_default=True,
+                     help="Threads reading patches (--no-fast-mode, --save-images)"),
+        click.option("--max-open-slides", type=int, default=200, show_default=True,
+                     help="Cap on simultaneously open slides (this runner opens one at a time)"),
+        click.option("--write-batch", type=int, default=8192, show_default=True, help="Rows per HDF5 chunk"),
+        click.option("--save-images", is_flag=True, help="Write a PNG per patch under images/<slide_id>/"),
+        click.option("--fast-mode/--no-fast-mode", default=True, show_default=True,
+                     help="--no-fast-mode drops mostly white/black patches"),
+        click.option("--visualize-grids", is_flag=True, help="Patch grid overlay in visualization/"),
+        click.option("--visualize-mask", is_flag=True, help="Mask overlay in visualization/"),
+        click.option("--visualize-contours", is_flag=True, help="Contour overlay in visualization/"),
+        click.option("--recursive", is_flag=True, help="Search directories recursively"),
+        click.option("--mpp-csv", type=click.Path(), default=None, help="CSV with columns wsi,mpp (by file stem)"),
+        click.option("--skip-existing/--force", default=True, show_default=True,
+                     help="Skip slides whose stored recipe matches; --force recomputes"),
+        click.option("--verbose", "-v", is_flag=True, help="Log details (replaces the progress bar)"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="atlaspatch")
+def main() -> None:
+    """Whole-slide images → tissue masks → patch coordinates, as Dagster assets."""
+
+
+def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
+    _setup_logging(kw["verbose"])
+    from rich.console import Console
+
+    from .core.discovery import discover
+    from .core.mpp import load_mpp_csv
+    from .runner import RunOptions, run_slides
+    from .summary import ProgressReporter, print_summary
+
+    console = Console(stderr=True)
+    try:
+        if kw["target_mag"] is None and kw["target_mpp"] is None:
+            raise UsageError("give --target-mag (e.g. 20) or --target-mpp (e.g. 0.5)")
+        for name in ("target_mag", "target_mpp"):
+            if kw[name] is not None and kw[name] <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if kw["patch_size"] <= 0 or (kw["step_size"] is not None and kw["step_size"] <= 0):
+            raise UsageError("--patch-size and --step-size must be positive")
+        if not 0 <= kw["tissue_thresh"] <= 1:
+            raise UsageError("--tissue-thresh must be within 0-1")
+        if kw["mpp_csv"]:
+            load_mpp_csv(kw["mpp_csv"])  # validate before any work
+        if kw["seg_method"] == "sam2" and not kw["sam2_checkpoint"]:
+            raise UsageError(
+                "--seg-method sam2 needs a local checkpoint: --sam2-checkpoint PATH "
+                "(or ATLASPATCH_SAM2_CHECKPOINT); weights are never downloaded"
+            )
+    except UsageError as e:
+        raise click.UsageError(str(e)) from e
+
+    slides, problems = discover(kw["wsi_path"], recursive=kw["recursive"])
+    for p in problems:
+        console.print(f"[red]error[/red] {p}")
+    if not slides:
+        raise click.UsageError("no supported slide files found in " + ", ".join(kw["wsi_path"]))
+
+    tissue_cfg = {
+        "method": kw["seg_method"],
+        "tissue_thresh": kw["tissue_thresh"],
+        "sam2_checkpoint": os.path.abspath(kw["sam2_checkpoint"]) if kw["sam2_checkpoint"] else "",
+        "seg_batch_size": kw["seg_batch_size"],
+        "visualize_mask": kw["visualize_mask"],
+        "visualize_contours": kw["visualize_contours"],
+        "skip_existing": kw["skip_existing"],
+    }
+    coords_cfg = {
+        "fast_mode": kw["fast_mode"],
+        "white_thresh": kw["white_thresh"],
+        "black_thresh": kw["black_thresh"],
+        "save_images": kw["save_images"],
+        "visualize_grids": kw["visualize_grids"],
+        "patch_workers": max(1, kw["patch_workers"]),
+        "write_batch": max(1, kw["write_batch"]),
+        "skip_existing": kw["skip_existing"],
+    }
+    if kw["min_tissue_fraction"] is not None:
+        coords_cfg["min_tissue_fraction"] = kw["min_tissue_fraction"]
+    opts = RunOptions(
+        output=kw["output"],
+        patch_size=kw["patch_size"],
+        step_size=kw["step_size"],
+        target_mag=kw["target_mag"],
+        target_mpp=kw["target_mpp"],
+        mpp_csv=os.path.abspath(kw["mpp_csv"]) if kw["mpp_csv"] else None,
+        device=kw["device"],
+        tissue_mask=tissue_cfg,
+        patch_coords=coords_cfg,
+        assets=assets,
+        verbose=kw["verbose"],
+    )
+    with ProgressReporter(console, total=len(slides), enabled=not kw["verbose"]) as progress:
+        outcomes = run_slides(slides, opts, on_progress=progress.advance)
+    print_summary(console, outcomes, opts)
+    failed = [o for o in outcomes if o.status == "failed"]
+    sys.exit(1 if failed or problems else 0)
+
+
+def _setup_logging(verbose: bool) -> None:
+    import warnings
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not verbose:
+        # Dagster's beta/preview notices are noise for CLI users.
+        warnings.filterwarnings("ignore", module=r"dagster(\..*)?$")
+
+
+@main.command("segment-and-get-coords", context_settings=CONTEXT)
+@_common_options
+def segment_and_get_coords(**kw: Any) -> None:
+    """Segment tissue and compute patch coordinates for WSI_PATH (files or folders)."""
+    _run(kw, ("tissue_mask", "patch_coords"))
+
+
+@main.command("detect-tissue", context_settings=CONTEXT)
+@_common_options
+def detect_tissue(**kw: Any) -> None:
+    """Only the tissue mask (+ GeoJSON contours, overlays) for WSI_PATH."""
+    _run(kw, ("tissue_mask",))
+
+
+@main.command("info", context_settings=CONTEXT)
+def info() -> None:
+    """Supported formats, segmentation methods and the output layout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .core.segmentation import SEGMENTERS
+    from .core.slide import IMAGE_EXTENSIONS, OPENSLIDE_EXTENSIONS
+
+    c = Console()
+    c.print(f"[bold]atlaspatch-assets {__version__}[/bold]")
+    t = Table(title="Supported inputs", show_header=True)
+    t.add_column("kind")
+    t.add_column("extensions")
+    t.add_column("reader")
+    t.add_row("whole-slide images", " ".join(OPENSLIDE_EXTENSIONS), "OpenSlide, then tiffslide for TIFF variants")
+    t.add_row("plain images", " ".join(IMAGE_EXTENSIONS) + " + plain TIFF", "Pillow/tifffile (MPP via --mpp-csv)")
+    t.add_row("DICOM series", "folder of .dcm", "OpenSlide (one slide per folder)")
+    c.print(t)
+    c.print("Segmentation methods: " + ", ".join(sorted(SEGMENTERS)) + " (otsu needs no weights)")
+    try:
+        from .core.encoders.registry import ENCODERS
+
+        e = Table(title="Patch encoders", show_header=True)
+        e.add_column("name")
+        e.add_column("dim", justify="right")
+        for name, spec in sorted(ENCODERS.items()):
+            e.add_row(name, str(getattr(spec, "dim", getattr(spec, "output_dim", "?"))))
+        c.print(e)
+    except Exception:
+        c.print("Patch encoders: not available in this installation")
+    c.print(
+        "\n[bold]Output layout[/bold] <output>/<mag>x_<patch>px_<overlap>px_overlap/\n"
+        "  patches/<slide_id>.h5      coords (N,2) int32 level-0 x,y; coords_ext (N,5); tissue_fraction (N,);\n"
+        "                             tissue/mask (+ attrs downsample, method, parameters); features/<encoder>\n"
+        "  masks/<slide_id>.geojson   tissue contours (level-0 polygons with holes, QuPath-compatible)\n"
+        "  visualization/             <slide_id>.png (grid), _mask.png, _contours.png\n"
+        "  images/<slide_id>/         <slide_id>_x<x>_y<y>.png with --save-images\n"
+        "<output>/catalog/            Parquet provenance (slides, events)"
+    )
+
+
+@main.command("demo", context_settings=CONTEXT)
+@click.option("--output", "-o", type=click.Path(), default="./demo", show_default=True)
+def demo(output: str) -> None:
+    """Build a small demo slide from scikit-image's histology image and run the main job on it."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(output))
+
+
+if __name__ == "__main__":
+    main()

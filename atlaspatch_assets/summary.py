@@ -1,0 +1,66 @@
+"""CLI presentation: a rich progress bar while slides run, and the summary table after."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+_STYLE = {"done": "green", "skipped": "cyan", "failed": "red"}
+
+
+class ProgressReporter:
+    def __init__(self, console: Console, total: int, enabled: bool = True):
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[last]}"), console=console, transient=False,
+        )
+        self.total = total
+        self.task: Any = None
+
+    def __enter__(self) -> ProgressReporter:
+        if self.enabled:
+            self.progress.start()
+            self.task = self.progress.add_task("slides", total=self.total, last="")
+        return self
+
+    def advance(self, outcome: Any) -> None:
+        if self.enabled:
+            style = _STYLE.get(outcome.status, "")
+            self.progress.update(self.task, advance=1, last=f"[{style}]{outcome.slide_id} {outcome.status}")
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def print_summary(console: Console, outcomes: Sequence[Any], opts: Any) -> None:
+    t = Table(title="atlaspatch summary", show_lines=False)
+    for col, kw in [
+        ("slide", {}), ("status", {}), ("patches", {"justify": "right"}), ("tissue", {"justify": "right"}),
+        ("mpp", {"justify": "right"}), ("s", {"justify": "right"}), ("reason / notes", {"overflow": "fold"}),
+    ]:
+        t.add_column(col, **kw)
+    for o in outcomes:
+        style = _STYLE.get(o.status, "")
+        note = o.reason if o.status == "failed" else "; ".join(o.warnings)
+        t.add_row(
+            o.slide_id,
+            f"[{style}]{o.status}[/{style}]",
+            "" if o.num_patches is None else str(o.num_patches),
+            "" if o.tissue_fraction is None else f"{o.tissue_fraction:.1%}",
+            "" if o.mpp is None else f"{o.mpp:.4g}",
+            f"{o.seconds:.1f}",
+            note,
+        )
+    console.print(t)
+    counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("done", "skipped", "failed")}
+    console.print(
+        f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
+        f" → {opts.store().layout.root}"
+    )

@@ -1,0 +1,253 @@
+"""Opening real slides: metadata equals what OpenSlide/PIL/tifffile say; MPP; broken inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from PIL import Image
+
+from atlaspatch_assets.core.errors import ReadError, SlideOpenError, UsageError
+from atlaspatch_assets.core.mpp import load_mpp_csv
+from atlaspatch_assets.core.slide import open_slide
+
+from conftest import BOXES_TIFF, BROKEN, CMU, DICOM, JPEG, KIDNEY, NDPI, PNG, SMALL16, truncated_copy
+
+OPENSLIDE_SLIDES = [CMU, NDPI, SMALL16, BOXES_TIFF, DICOM]
+
+
+def _rgb(region: Image.Image) -> np.ndarray:
+    """OpenSlide RGBA → RGB composited onto white (independent of the library's helper)."""
+    a = np.asarray(region).astype(np.float64)
+    alpha = a[..., 3:4] / 255.0
+    return np.round(a[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
+# -- metadata equals the reference readers ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", OPENSLIDE_SLIDES, ids=lambda p: p.name)
+def test_levels_equal_openslide(path: Path) -> None:
+    ref = openslide.OpenSlide(str(path))
+    with open_slide(path) as slide:
+        info = slide.info
+        assert (info.width, info.height) == ref.dimensions
+        assert info.level_count == ref.level_count
+        assert info.level_dimensions == tuple(tuple(d) for d in ref.level_dimensions)
+        assert info.level_downsamples == pytest.approx(tuple(ref.level_downsamples), rel=1e-9)
+        assert info.vendor == ref.properties.get(openslide.PROPERTY_NAME_VENDOR)
+    ref.close()
+
+
+@pytest.mark.parametrize("path", [PNG, JPEG], ids=lambda p: p.name)
+def test_plain_image_dims_equal_pil(path: Path) -> None:
+    with Image.open(path) as im:
+        w, h = im.size
+    with open_slide(path) as slide:
+        info = slide.info
+        assert (info.width, info.height) == (w, h)
+        assert info.level_count == 1
+        assert info.level_dimensions == ((w, h),)
+        assert info.level_downsamples == (1.0,)
+
+
+def test_plain_tiff_dims_equal_tifffile() -> None:
+    with tifffile.TiffFile(KIDNEY) as tf:
+        shape = tf.series[0].levels[0].shape  # (h, w, 3)
+        n_levels = len(tf.series[0].levels)
+    with open_slide(KIDNEY) as slide:
+        assert (slide.info.height, slide.info.width) == shape[:2]
+        assert slide.info.level_count == n_levels
+
+
+def test_pixels_equal_openslide() -> None:
+    ref = openslide.OpenSlide(str(CMU))
+    want = _rgb(ref.read_region((300, 500), 0, (97, 61)))
+    with open_slide(CMU) as slide:
+        got = slide.read_region((300, 500), 0, (97, 61))
+    assert got.dtype == np.uint8 and got.shape == (61, 97, 3)
+    np.testing.assert_array_equal(got, want)
+
+
+# -- MPP ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "vendor", "expected"),
+    [(CMU, "aperio", 0.499), (SMALL16, "aperio", 0.499), (DICOM, "dicom", 0.499), (NDPI, "hamamatsu", 0.2282)],
+    ids=lambda v: v.name if isinstance(v, Path) else str(v),
+)
+def test_mpp_of_real_slides(path: Path, vendor: str, expected: float) -> None:
+    with open_slide(path) as slide:
+        info = slide.info
+    assert info.vendor == vendor
+    assert info.mpp == pytest.approx(expected, abs=1e-4)
+    assert info.mpp_problem is None
+    assert info.magnification == pytest.approx(10.0 / info.mpp, abs=1e-3)
+
+
+def test_ndpi_mpp_matches_tiff_resolution_tag() -> None:
+    """Hamamatsu stores pixels per centimetre: mpp = 1e4 / XResolution, independently of OpenSlide."""
+    with tifffile.TiffFile(NDPI) as tf:
+        num, den = tf.pages[0].tags["XResolution"].value
+        assert tf.pages[0].tags["ResolutionUnit"].value == 3  # centimetre
+    expected = 1e4 / (num / den)
+    with open_slide(NDPI) as slide:
+        assert slide.info.mpp == pytest.approx(expected, rel=1e-5)
+        assert slide.info.magnification == pytest.approx(10.0 / expected, abs=2e-3)
+
+
+def test_implausible_resolution_tag_is_rejected() -> None:
+    with tifffile.TiffFile(BOXES_TIFF) as tf:
+        num, den = tf.pages[0].tags["XResolution"].value
+        unit = tf.pages[0].tags["ResolutionUnit"].value
+    assert unit == 3  # centimetre: the tag is "real" but says ~352 µm/px
+    assert 1e4 / (num / den) > 20
+    with open_slide(BOXES_TIFF) as slide:
+        info = slide.info
+    assert info.mpp is None
+    assert info.magnification is None
+    assert info.mpp_problem and "--mpp-csv" in info.mpp_problem
+    assert "\n" not in info.mpp_problem
+
+
+@pytest.mark.parametrize("path", [KIDNEY, PNG, JPEG], ids=lambda p: p.name)
+def test_no_mpp_names_mpp_csv_and_override_wins(path: Path) -> None:
+    with open_slide(path) as slide:
+        assert slide.info.mpp is None
+        assert slide.info.mpp_problem and "--mpp-csv" in slide.info.mpp_problem
+        with pytest.raises(ReadError):
+            slide.read_thumbnail(8.0)
+    with open_slide(path, mpp_override=0.5) as slide:
+        assert slide.info.mpp == 0.5
+        assert slide.info.mpp_source == "user"
+        assert slide.info.mpp_problem is None
+        assert slide.info.magnification == pytest.approx(20.0)
+
+
+def test_override_beats_slide_metadata() -> None:
+    with open_slide(CMU, mpp_override=0.25) as slide:
+        assert slide.info.mpp == 0.25
+        assert slide.info.mpp_source == "user"
+        assert slide.info.magnification == pytest.approx(40.0)
+
+
+# -- broken inputs ------------------------------------------------------------------------------
+
+
+def _assert_one_line_failure(path: Path) -> None:
+    try:
+        slide = open_slide(path)
+    except (SlideOpenError, ReadError) as e:
+        assert "\n" not in str(e) and "\n" not in e.reason
+        assert e.reason
+        return
+    # Opening may succeed on a partial file; then reading its pixels must fail cleanly.
+    with slide, pytest.raises(ReadError) as ei:
+        slide.read_thumbnail(8.0)
+    assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("path", sorted(BROKEN.iterdir()), ids=lambda p: p.name)
+def test_broken_shared_files(path: Path) -> None:
+    with pytest.raises((SlideOpenError, ReadError)) as ei:
+        open_slide(path)
+    assert "\n" not in str(ei.value)
+
+
+def test_zero_byte_file(tmp_path: Path) -> None:
+    p = tmp_path / "empty.svs"
+    p.write_bytes(b"")
+    with pytest.raises(SlideOpenError) as ei:
+        open_slide(p)
+    assert "\n" not in str(ei.value)
+
+
+def test_text_file_named_svs(tmp_path: Path) -> None:
+    p = tmp_path / "x.svs"
+    p.write_text("this is not a slide\nsecond line\n")
+    with pytest.raises(SlideOpenError) as ei:
+        open_slide(p)
+    assert "\n" not in str(ei.value)
+
+
+def test_truncated_svs(tmp_path: Path) -> None:
+    _assert_one_line_failure(truncated_copy(CMU, tmp_path / "CMU-truncated.svs", 0.6))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SlideOpenError):
+        open_slide(tmp_path / "nope.svs")
+
+
+# -- thumbnail ----------------------------------------------------------------------------------
+
+
+def test_ndpi_thumbnail_uses_coarse_level() -> None:
+    ref = openslide.OpenSlide(str(NDPI))
+    W, H = ref.dimensions
+    mpp = float(ref.properties[openslide.PROPERTY_NAME_MPP_X])
+    want_ds = 8.0 / mpp
+    # Coarsest level whose downsample does not exceed the wanted one.
+    level = max(i for i, d in enumerate(ref.level_downsamples) if d <= want_ds)
+    assert ref.level_downsamples[level] > 1  # a real pyramid level, not level 0
+
+    with open_slide(NDPI) as slide:
+        thumb, dx, dy = slide.read_thumbnail(8.0)
+    th, tw = thumb.shape[:2]
+    assert abs(tw - W * mpp / 8.0) <= 1 and abs(th - H * mpp / 8.0) <= 1
+    assert dx == pytest.approx(W / tw) and dy == pytest.approx(H / th)
+    assert dx * mpp == pytest.approx(8.0, rel=0.02)
+
+    lw, lh = ref.level_dimensions[level]
+    full_level = _rgb(ref.read_region((0, 0), level, (lw, lh)))
+    expected = cv2.resize(full_level, (tw, th), interpolation=cv2.INTER_AREA)
+    diff = np.abs(thumb.astype(np.int16) - expected.astype(np.int16))
+    assert diff.mean() < 1.0
+    assert np.percentile(diff, 99) <= 4
+
+
+# -- --mpp-csv ----------------------------------------------------------------------------------
+
+
+def test_mpp_csv_matches_stems(tmp_path: Path) -> None:
+    csv = tmp_path / "mpp.csv"
+    csv.write_text(
+        "wsi,mpp\n"
+        "/data/slides/he-1000px.png,0.5\n"
+        "kidney-ihc-plain.tif,0.25\n"
+        "C:\\scans\\case 7.svs,1.0\n"
+        "dicom-series-folder,0.499\n"
+    )
+    got = load_mpp_csv(csv)
+    assert got == {"he-1000px": 0.5, "kidney-ihc-plain": 0.25, "case 7": 1.0, "dicom-series-folder": 0.499}
+    with open_slide(PNG, mpp_override=got[PNG.stem]) as slide:
+        assert slide.info.mpp == 0.5 and slide.info.mpp_source == "user"
+
+
+def test_mpp_csv_extra_columns_and_bom(tmp_path: Path) -> None:
+    csv = tmp_path / "mpp.csv"
+    csv.write_bytes("\ufeffcase,WSI,MPP\n1,a.svs,0.25\n".encode())
+    assert load_mpp_csv(csv) == {"a": 0.25}
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-0.5", "100", "nan", ""])
+def test_mpp_csv_bad_values(tmp_path: Path, value: str) -> None:
+    csv = tmp_path / "mpp.csv"
+    csv.write_text(f"wsi,mpp\ngood.svs,0.5\nbad.svs,{value}\n")
+    with pytest.raises(UsageError) as ei:
+        load_mpp_csv(csv)
+    assert "\n" not in str(ei.value)
+
+
+def test_mpp_csv_missing_columns_or_file(tmp_path: Path) -> None:
+    csv = tmp_path / "mpp.csv"
+    csv.write_text("slide,resolution\na.svs,0.5\n")
+    with pytest.raises(UsageError):
+        load_mpp_csv(csv)
+    with pytest.raises(UsageError):
+        load_mpp_csv(tmp_path / "missing.csv")

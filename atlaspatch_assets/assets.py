@@ -7,7 +7,6 @@ with a one-line reason; in a batched run the slide is left unwritten, logged at 
 recorded in the catalog and flagged by the partitioned asset checks, and the others finish.
 """
 
-
 import base64
 import json
 import time
@@ -29,6 +28,7 @@ from pydantic import Field
 from . import __version__
 from .core.catalog import SLIDES
 from .core.errors import SlideError
+from .core.geometry import compute_geometry
 from .core.pipeline import (
     CoordsParams,
     MaskResult,
@@ -42,7 +42,6 @@ from .core.pipeline import (
     stored_coords_recipe,
     stored_mask_recipe,
 )
-from .core.geometry import compute_geometry
 from .core.segmentation import SegmentationParams
 from .core.storage import recipe_hash
 from .core.tiling import DEFAULT_MIN_TISSUE_FRACTION
@@ -80,7 +79,9 @@ class TissueMaskConfig(Config):
 
 
 class PatchCoordsConfig(Config):
-    min_tissue_fraction: float = Field(DEFAULT_MIN_TISSUE_FRACTION, description="Keep patches with >= this tissue")
+    min_tissue_fraction: float = Field(
+        DEFAULT_MIN_TISSUE_FRACTION, description="Keep patches with >= this tissue"
+    )
     fast_mode: bool = Field(True, description="False: drop mostly white/black patches (reads pixels)")
     white_thresh: int = 15
     black_thresh: int = 50
@@ -122,8 +123,13 @@ def _per_slide(
         if key in failures:
             context.log.error(f"FAILED {failures[key]}")
             store.catalog.record_event(
-                slide_id=key, asset=asset_name, status="failed", error=failures[key],
-                seconds=time.perf_counter() - t0, run_id=context.run_id, versions={"atlaspatch": __version__},
+                slide_id=key,
+                asset=asset_name,
+                status="failed",
+                error=failures[key],
+                seconds=time.perf_counter() - t0,
+                run_id=context.run.run_id,
+                versions={"atlaspatch": __version__},
             )
             if len(keys) > 1:
                 context.add_asset_metadata({"status": "failed", "error": failures[key]}, partition_key=key)
@@ -167,14 +173,28 @@ def tissue_mask(
         else:
             with slide_source.open(slide_id) as slide:
                 result = compute_tissue_mask(slide, slide_id, params)
-                result.visualize_mask, result.visualize_contours = config.visualize_mask, config.visualize_contours
+                result.visualize_mask, result.visualize_contours = (
+                    config.visualize_mask,
+                    config.visualize_contours,
+                )
                 info = slide.info
-                store.catalog.append(SLIDES, [{
-                    "slide_id": slide_id, "path": info.path, "vendor": info.vendor, "width": info.width,
-                    "height": info.height, "levels": info.level_count, "mpp": info.mpp,
-                    "mpp_source": info.mpp_source, "objective": info.objective_power,
-                    **_file_facts(info.path),
-                }])
+                store.catalog.append(
+                    SLIDES,
+                    [
+                        {
+                            "slide_id": slide_id,
+                            "path": info.path,
+                            "vendor": info.vendor,
+                            "width": info.width,
+                            "height": info.height,
+                            "levels": info.level_count,
+                            "mpp": info.mpp,
+                            "mpp_source": info.mpp_source,
+                            "objective": info.objective_power,
+                            **_file_facts(info.path),
+                        }
+                    ],
+                )
         if result.tissue_fraction == 0:
             context.log.warning(f"{slide_id}: no tissue detected")
         context.add_asset_metadata(
@@ -193,9 +213,15 @@ def tissue_mask(
             partition_key=slide_id,
         )
         store.catalog.record_event(
-            slide_id=slide_id, asset="tissue_mask", status="skipped" if result.reused else "done",
-            recipe_hash=result.recipe_hash, parameters=result.params, output_path=str(layout.store(slide_id).path),
-            rows=int(result.mask.size), seconds=result.seconds, run_id=context.run_id,
+            slide_id=slide_id,
+            asset="tissue_mask",
+            status="skipped" if result.reused else "done",
+            recipe_hash=result.recipe_hash,
+            parameters=result.params,
+            output_path=str(layout.store(slide_id).path),
+            rows=int(result.mask.size),
+            seconds=result.seconds,
+            run_id=context.run.run_id,
             versions={"atlaspatch": __version__},
         )
         return result
@@ -220,7 +246,7 @@ def _file_facts(path: str) -> dict[str, Any]:
     code_version="1",
     group_name="slides",
     kinds={"python", "hdf5"},
-    description="Patch coordinates (level-0 lattice) with tissue fraction: coords, coords_ext, tissue_fraction.",
+    description="Level-0 patch lattice with per-patch tissue fraction (coords, coords_ext, tissue_fraction).",
 )
 def patch_coords(
     context: AssetExecutionContext,
@@ -238,7 +264,9 @@ def patch_coords(
             raise SlideError("its tissue mask failed or is missing", slide=slide_id, stage="patch_coords")
         with slide_source.open(slide_id) as slide:
             if config.skip_existing and not config.save_images and not config.visualize_grids:
-                g = compute_geometry(slide.info, layout.patch_size, layout.step_size, target_mpp=layout.target_mpp)
+                g = compute_geometry(
+                    slide.info, layout.patch_size, layout.step_size, target_mpp=layout.target_mpp
+                )
                 wanted = recipe_hash(coords_recipe(g, params, mask.recipe_hash))
                 if stored_coords_recipe(layout, slide_id) == wanted:
                     result = load_patch_coords(layout, slide_id)
@@ -254,14 +282,21 @@ def patch_coords(
     return _per_slide(context, store, "patch_coords", one)
 
 
-def _coords_metadata(context: AssetExecutionContext, store: StoreResource, result: Any, mask: MaskResult) -> Any:
+def _coords_metadata(
+    context: AssetExecutionContext, store: StoreResource, result: Any, mask: MaskResult
+) -> Any:
     from .core.visualization import grid_overlay, png_bytes
 
     g = result.geometry
     preview: dict[str, Any] = {}
     if mask.thumbnail is not None:
-        preview = _preview(png_bytes(grid_overlay(mask.thumbnail, result.coords, g.patch_size_level0,
-                                                  *mask.downsample, max_side=512)))
+        preview = _preview(
+            png_bytes(
+                grid_overlay(
+                    mask.thumbnail, result.coords, g.patch_size_level0, *mask.downsample, max_side=512
+                )
+            )
+        )
     path = str(store.layout.store(result.slide_id).path)
     context.add_asset_metadata(
         {
@@ -284,9 +319,17 @@ def _coords_metadata(context: AssetExecutionContext, store: StoreResource, resul
         partition_key=result.slide_id,
     )
     store.catalog.record_event(
-        slide_id=result.slide_id, asset="patch_coords", status="skipped" if result.reused else "done",
-        recipe_hash=result.recipe_hash, parameters=json.dumps(result.params, default=str), output_path=path,
-        rows=result.num_patches, dim=2, seconds=result.seconds, run_id=context.run_id,
-        versions={"atlaspatch": __version__}, error="; ".join(result.warnings) or None,
+        slide_id=result.slide_id,
+        asset="patch_coords",
+        status="skipped" if result.reused else "done",
+        recipe_hash=result.recipe_hash,
+        parameters=json.dumps(result.params, default=str),
+        output_path=path,
+        rows=result.num_patches,
+        dim=2,
+        seconds=result.seconds,
+        run_id=context.run.run_id,
+        versions={"atlaspatch": __version__},
+        error="; ".join(result.warnings) or None,
     )
     return result

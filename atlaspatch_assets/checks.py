@@ -1,6 +1,5 @@
 """Partitioned asset checks: the slide has tissue, and it has patches."""
 
-
 from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, asset_check
 
 from .core.pipeline import COORDS, MASK
@@ -28,13 +27,18 @@ def has_tissue(context: AssetCheckExecutionContext, store: StoreResource) -> Ass
     return AssetCheckResult(
         passed=passed,
         severity=AssetCheckSeverity.ERROR if missing else AssetCheckSeverity.WARN,
-        metadata={"no_mask": ", ".join(missing) or "none", "no_tissue": ", ".join(empty) or "none",
-                  "checked": len(fractions) + len(missing) + len(empty)},
+        metadata={
+            "no_mask": ", ".join(missing) or "none",
+            "no_tissue": ", ".join(empty) or "none",
+            "checked": len(fractions) + len(missing) + len(empty),
+        },
         description=None if passed else "slides without a mask or without tissue",
     )
 
 
-@asset_check(asset="patch_coords", partitions_def=slides_partitions, description="Coordinates exist and are non-empty.")
+@asset_check(
+    asset="patch_coords", partitions_def=slides_partitions, description="Coordinates exist and are non-empty."
+)
 def has_patches(context: AssetCheckExecutionContext, store: StoreResource) -> AssetCheckResult:
     layout = store.layout
     missing, empty, counts = [], [], {}
@@ -49,7 +53,10 @@ def has_patches(context: AssetCheckExecutionContext, store: StoreResource) -> As
     return AssetCheckResult(
         passed=passed,
         severity=AssetCheckSeverity.ERROR if missing else AssetCheckSeverity.WARN,
-        metadata={"no_coords": ", ".join(missing) or "none", "zero_patches": ", ".join(empty) or "none",
-                  "patches": sum(counts.values())},
+        metadata={
+            "no_coords": ", ".join(missing) or "none",
+            "zero_patches": ", ".join(empty) or "none",
+            "patches": sum(counts.values()),
+        },
         description=None if passed else "slides without coordinates or with 0 patches",
     )

@@ -23,42 +23,110 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by segment-and-get-coords and detect-tissue (seed names and defaults)."""
     opts = [
         click.argument("wsi_path", nargs=-1, required=True, type=click.Path()),
-        click.option("--patch-size", type=int, required=True, help="Patch side at the target magnification (px)"),
-        click.option("--target-mag", type=float, default=None, help="Target magnification, e.g. 20 (= 0.5 µm/px)"),
+        click.option(
+            "--patch-size", type=int, required=True, help="Patch side at the target magnification (px)"
+        ),
+        click.option(
+            "--target-mag", type=float, default=None, help="Target magnification, e.g. 20 (= 0.5 µm/px)"
+        ),
         click.option("--target-mpp", type=float, default=None, help="Target µm/px (instead of --target-mag)"),
-        click.option("--step-size", type=int, default=None, help="Stride at the target magnification [patch-size]"),
-        click.option("--output", "-o", type=click.Path(), default="./output", show_default=True,
-                     help="Output root (run folder <mag>x_<patch>px_<overlap>px_overlap inside)"),
-        click.option("--device", default="cpu", show_default=True, help="Segmentation device (cpu, cuda, cuda:<i>)"),
-        click.option("--seg-method", type=click.Choice(["otsu", "sam2"]), default="otsu", show_default=True,
-                     help="Tissue segmentation: classical (no weights) or SAM2 (local checkpoint)"),
-        click.option("--sam2-checkpoint", type=click.Path(), default=None, envvar="ATLASPATCH_SAM2_CHECKPOINT",
-                     help="Local SAM2.1 hiera-tiny checkpoint (.pt) for --seg-method sam2; never downloaded"),
-        click.option("--tissue-thresh", type=float, default=0.01, show_default=True,
-                     help="Minimum tissue region area, fraction of the thumbnail (0-1)"),
-        click.option("--white-thresh", type=int, default=15, show_default=True,
-                     help="Saturation threshold for white patches (--no-fast-mode)"),
-        click.option("--black-thresh", type=int, default=50, show_default=True,
-                     help="Gray threshold for black patches (--no-fast-mode)"),
-        click.option("--min-tissue-fraction", type=float, default=None,
-                     help="Keep patches with at least this tissue fraction [0.5]"),
-        click.option("--seg-batch-size", type=int, default=1, show_default=True,
-                     help="Thumbnails per SAM2 forward (accepted; slides are segmented one per run)"),
-        click.option("--patch-workers", type=int, default=os.cpu_count() or 1, show_default=True,
-                     help="Threads reading patches (--no-fast-mode, --save-images)"),
-        click.option("--max-open-slides", type=int, default=200, show_default=True,
-                     help="Cap on simultaneously open slides (this runner opens one at a time)"),
+        click.option(
+            "--step-size", type=int, default=None, help="Stride at the target magnification [patch-size]"
+        ),
+        click.option(
+            "--output",
+            "-o",
+            type=click.Path(),
+            default="./output",
+            show_default=True,
+            help="Output root (run folder <mag>x_<patch>px_<overlap>px_overlap inside)",
+        ),
+        click.option(
+            "--device", default="cpu", show_default=True, help="Segmentation device (cpu, cuda, cuda:<i>)"
+        ),
+        click.option(
+            "--seg-method",
+            type=click.Choice(["otsu", "sam2"]),
+            default="otsu",
+            show_default=True,
+            help="Tissue segmentation: classical (no weights) or SAM2 (local checkpoint)",
+        ),
+        click.option(
+            "--sam2-checkpoint",
+            type=click.Path(),
+            default=None,
+            envvar="ATLASPATCH_SAM2_CHECKPOINT",
+            help="Local SAM2.1 hiera-tiny checkpoint (.pt) for --seg-method sam2; never downloaded",
+        ),
+        click.option(
+            "--tissue-thresh",
+            type=float,
+            default=0.01,
+            show_default=True,
+            help="Minimum tissue region area, fraction of the thumbnail (0-1)",
+        ),
+        click.option(
+            "--white-thresh",
+            type=int,
+            default=15,
+            show_default=True,
+            help="Saturation threshold for white patches (--no-fast-mode)",
+        ),
+        click.option(
+            "--black-thresh",
+            type=int,
+            default=50,
+            show_default=True,
+            help="Gray threshold for black patches (--no-fast-mode)",
+        ),
+        click.option(
+            "--min-tissue-fraction",
+            type=float,
+            default=None,
+            help="Keep patches with at least this tissue fraction [0.5]",
+        ),
+        click.option(
+            "--seg-batch-size",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Thumbnails per SAM2 forward (accepted; slides are segmented one per run)",
+        ),
+        click.option(
+            "--patch-workers",
+            type=int,
+            default=os.cpu_count() or 1,
+            show_default=True,
+            help="Threads reading patches (--no-fast-mode, --save-images)",
+        ),
+        click.option(
+            "--max-open-slides",
+            type=int,
+            default=200,
+            show_default=True,
+            help="Cap on simultaneously open slides (this runner opens one at a time)",
+        ),
         click.option("--write-batch", type=int, default=8192, show_default=True, help="Rows per HDF5 chunk"),
         click.option("--save-images", is_flag=True, help="Write a PNG per patch under images/<slide_id>/"),
-        click.option("--fast-mode/--no-fast-mode", default=True, show_default=True,
-                     help="--no-fast-mode drops mostly white/black patches"),
+        click.option(
+            "--fast-mode/--no-fast-mode",
+            default=True,
+            show_default=True,
+            help="--no-fast-mode drops mostly white/black patches",
+        ),
         click.option("--visualize-grids", is_flag=True, help="Patch grid overlay in visualization/"),
         click.option("--visualize-mask", is_flag=True, help="Mask overlay in visualization/"),
         click.option("--visualize-contours", is_flag=True, help="Contour overlay in visualization/"),
         click.option("--recursive", is_flag=True, help="Search directories recursively"),
-        click.option("--mpp-csv", type=click.Path(), default=None, help="CSV with columns wsi,mpp (by file stem)"),
-        click.option("--skip-existing/--force", default=True, show_default=True,
-                     help="Skip slides whose stored recipe matches; --force recomputes"),
+        click.option(
+            "--mpp-csv", type=click.Path(), default=None, help="CSV with columns wsi,mpp (by file stem)"
+        ),
+        click.option(
+            "--skip-existing/--force",
+            default=True,
+            show_default=True,
+            help="Skip slides whose stored recipe matches; --force recomputes",
+        ),
         click.option("--verbose", "-v", is_flag=True, help="Log details (replaces the progress bar)"),
     ]
     for opt in reversed(opts):
@@ -152,7 +220,9 @@ def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
 def _setup_logging(verbose: bool) -> None:
     import warnings
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     if not verbose:
         # Dagster's beta/preview notices are noise for CLI users.
         warnings.filterwarnings("ignore", module=r"dagster(\..*)?$")
@@ -187,8 +257,12 @@ def info() -> None:
     t.add_column("kind")
     t.add_column("extensions")
     t.add_column("reader")
-    t.add_row("whole-slide images", " ".join(OPENSLIDE_EXTENSIONS), "OpenSlide, then tiffslide for TIFF variants")
-    t.add_row("plain images", " ".join(IMAGE_EXTENSIONS) + " + plain TIFF", "Pillow/tifffile (MPP via --mpp-csv)")
+    t.add_row(
+        "whole-slide images", " ".join(OPENSLIDE_EXTENSIONS), "OpenSlide, then tiffslide for TIFF variants"
+    )
+    t.add_row(
+        "plain images", " ".join(IMAGE_EXTENSIONS) + " + plain TIFF", "Pillow/tifffile (MPP via --mpp-csv)"
+    )
     t.add_row("DICOM series", "folder of .dcm", "OpenSlide (one slide per folder)")
     c.print(t)
     c.print("Segmentation methods: " + ", ".join(sorted(SEGMENTERS)) + " (otsu needs no weights)")
@@ -205,8 +279,8 @@ def info() -> None:
         c.print("Patch encoders: not available in this installation")
     c.print(
         "\n[bold]Output layout[/bold] <output>/<mag>x_<patch>px_<overlap>px_overlap/\n"
-        "  patches/<slide_id>.h5      coords (N,2) int32 level-0 x,y; coords_ext (N,5); tissue_fraction (N,);\n"
-        "                             tissue/mask (+ attrs downsample, method, parameters); features/<encoder>\n"
+        "  patches/<slide_id>.h5      coords (N,2) int32 level-0 x,y; coords_ext (N,5); tissue_fraction;\n"
+        "                             tissue/mask (attrs downsample, method, parameters); features/<enc>\n"
         "  masks/<slide_id>.geojson   tissue contours (level-0 polygons with holes, QuPath-compatible)\n"
         "  visualization/             <slide_id>.png (grid), _mask.png, _contours.png\n"
         "  images/<slide_id>/         <slide_id>_x<x>_y<y>.png with --save-images\n"

@@ -11,8 +11,11 @@ from .jobs import segment_and_coords_job
 from .resources import ComputeResource, SlideSourceResource, StoreResource
 
 
-def build_definitions(store: StoreResource | None = None, slide_source: SlideSourceResource | None = None,
-                      compute: ComputeResource | None = None) -> Definitions:
+def build_definitions(
+    store: StoreResource | None = None,
+    slide_source: SlideSourceResource | None = None,
+    compute: ComputeResource | None = None,
+) -> Definitions:
     store = store or StoreResource()
     return Definitions(
         assets=[tissue_mask, patch_coords],

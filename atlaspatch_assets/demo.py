@@ -47,9 +47,16 @@ def build_demo_slide(path: str | Path, width: int = 6144, height: int = 4096, se
     tmp = path.with_name(f".{path.name}.tmp")
     with tifffile.TiffWriter(tmp, bigtiff=False) as tw:
         for i, lvl in enumerate(levels):
-            tw.write(lvl, tile=(TILE, TILE), compression="jpeg", compressionargs={"level": 90},
-                     photometric="rgb", description=desc if i == 0 else None, subfiletype=0 if i == 0 else 1,
-                     metadata=None)
+            tw.write(
+                lvl,
+                tile=(TILE, TILE),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                description=desc if i == 0 else None,
+                subfiletype=0 if i == 0 else 1,
+                metadata=None,
+            )
     os.replace(tmp, path)
     return path
 
@@ -66,8 +73,19 @@ def run_demo(output: str | Path) -> int:
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text(DEMO_INSTANCE_YAML)
-    args = ["segment-and-get-coords", str(slide), "--patch-size", "256", "--target-mag", "20",
-            "--output", str(output / "output"), "--visualize-grids", "--visualize-mask", "--visualize-contours"]
+    args = [
+        "segment-and-get-coords",
+        str(slide),
+        "--patch-size",
+        "256",
+        "--target-mag",
+        "20",
+        "--output",
+        str(output / "output"),
+        "--visualize-grids",
+        "--visualize-mask",
+        "--visualize-contours",
+    ]
     try:
         main.main(args=args, standalone_mode=False)
     except SystemExit as e:

@@ -1,6 +1,5 @@
 """IO manager for the per-slide store: values are `{slide_id: result}` for any number of slides."""
 
-
 from typing import Any
 
 from dagster import ConfigurableIOManager, InputContext, OutputContext, ResourceDependency

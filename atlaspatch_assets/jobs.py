@@ -2,13 +2,10 @@
 
 from dagster import AssetSelection, define_asset_job
 
-from .partitions import slides_partitions
-
 SEGMENT_AND_COORDS = "segment_and_get_coords"
 
 segment_and_coords_job = define_asset_job(
     SEGMENT_AND_COORDS,
     selection=AssetSelection.assets("tissue_mask", "patch_coords"),
-    partitions_def=slides_partitions,
     description="Tissue mask and patch coordinates for the selected slides.",
 )

@@ -1,6 +1,5 @@
 """Dagster resources: where slides come from, where outputs go, and the compute device."""
 
-
 import os
 from functools import cached_property
 
@@ -89,8 +88,15 @@ class SlideSourceResource(ConfigurableResource):
         st = os.stat(path)
         self.catalog.append(
             SLIDES,
-            [{"slide_id": slide_id, "path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime,
-              "fingerprint": fingerprint(path)}],
+            [
+                {
+                    "slide_id": slide_id,
+                    "path": os.path.abspath(path),
+                    "size": st.st_size,
+                    "mtime": st.st_mtime,
+                    "fingerprint": fingerprint(path),
+                }
+            ],
         )
 
 

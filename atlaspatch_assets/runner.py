@@ -89,8 +89,9 @@ def run_slides(
     for slide_id, sf in ids.items():
         if known.get(slide_id) != os.path.abspath(sf.path):
             source.register(slide_id, sf.path)
-    instance.add_dynamic_partitions(SLIDES_PARTITION, [k for k in ids if not instance.has_dynamic_partition(
-        SLIDES_PARTITION, k)])
+    instance.add_dynamic_partitions(
+        SLIDES_PARTITION, [k for k in ids if not instance.has_dynamic_partition(SLIDES_PARTITION, k)]
+    )
 
     ops: dict[str, Any] = {"tissue_mask": {"config": opts.tissue_mask}}
     if "patch_coords" in opts.assets:
@@ -110,7 +111,9 @@ def run_slides(
             raise_on_error=False,
             asset_selection=[_key(a) for a in selection],
         )
-        outcome = SlideOutcome(slide_id, sf.path, "done", seconds=time.perf_counter() - t0, run_id=result.run_id)
+        outcome = SlideOutcome(
+            slide_id, sf.path, "done", seconds=time.perf_counter() - t0, run_id=result.run_id
+        )
         if not result.success:
             outcome.status = "failed"
             outcome.reason = _failure_reason(result) or "run failed"

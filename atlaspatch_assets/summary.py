@@ -17,8 +17,13 @@ class ProgressReporter:
     def __init__(self, console: Console, total: int, enabled: bool = True):
         self.enabled = enabled
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[last]}"), console=console, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[last]}"),
+            console=console,
+            transient=False,
         )
         self.total = total
         self.task: Any = None
@@ -34,7 +39,9 @@ class ProgressReporter:
             style = _STYLE.get(outcome.status, "")
             self.progress.update(self.task, advance=1, last=f"[{style}]{outcome.slide_id} {outcome.status}")
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.enabled:
             self.progress.stop()
 
@@ -42,8 +49,13 @@ class ProgressReporter:
 def print_summary(console: Console, outcomes: Sequence[Any], opts: Any) -> None:
     t = Table(title="atlaspatch summary", show_lines=False)
     for col, kw in [
-        ("slide", {}), ("status", {}), ("patches", {"justify": "right"}), ("tissue", {"justify": "right"}),
-        ("mpp", {"justify": "right"}), ("s", {"justify": "right"}), ("reason / notes", {"overflow": "fold"}),
+        ("slide", {}),
+        ("status", {}),
+        ("patches", {"justify": "right"}),
+        ("tissue", {"justify": "right"}),
+        ("mpp", {"justify": "right"}),
+        ("s", {"justify": "right"}),
+        ("reason / notes", {"overflow": "fold"}),
     ]:
         t.add_column(col, **kw)
     for o in outcomes:
@@ -59,8 +71,13 @@ def print_summary(console: Console, outcomes: Sequence[Any], opts: Any) -> None:
             note,
         )
     console.print(t)
+    for o in outcomes:  # full reasons, one line each (never folded), easy to grep
+        if o.status == "failed":
+            console.print(f"[red]FAILED[/red] {o.path}: {o.reason}", soft_wrap=True, highlight=False)
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("done", "skipped", "failed")}
     console.print(
         f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
-        f" → {opts.store().layout.root}"
+        f" → {opts.store().layout.root}",
+        soft_wrap=True,
+        highlight=False,
     )

@@ -51,20 +51,27 @@ def resolve_mpp(
     props: dict[str, str], backend: str = "openslide", path: str = "", override: float | None = None
 ) -> MppResolution:
     """First plausible MPP in the documented order; `problem` explains a missing one."""
-    objective = _f(props.get("openslide.objective-power")) or _f(props.get("aperio.AppMag")) or _f(
-        props.get("hamamatsu.SourceLens")
+    objective = (
+        _f(props.get("openslide.objective-power"))
+        or _f(props.get("aperio.AppMag"))
+        or _f(props.get("hamamatsu.SourceLens"))
     )
     candidates: list[tuple[str, float | None]] = [("user", _f(override) if override is not None else None)]
     # openslide derives mpp-x from TIFF tags for generic TIFFs: label it as such.
     os_source = "tiff-resolution" if props.get("openslide.vendor") == "generic-tiff" else "openslide"
+    candidates.append((os_source, _mean(_f(props.get("openslide.mpp-x")), _f(props.get("openslide.mpp-y")))))
     candidates.append(
-        (os_source, _mean(_f(props.get("openslide.mpp-x")), _f(props.get("openslide.mpp-y"))))
+        ("tiffslide", _mean(_f(props.get("tiffslide.mpp-x")), _f(props.get("tiffslide.mpp-y"))))
     )
-    candidates.append(("tiffslide", _mean(_f(props.get("tiffslide.mpp-x")), _f(props.get("tiffslide.mpp-y")))))
     candidates.append(("aperio.MPP", _f(props.get("aperio.MPP"))))
     candidates.append(
-        ("mirax", _mean(_f(props.get("mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X")),
-                        _f(props.get("mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_Y"))))
+        (
+            "mirax",
+            _mean(
+                _f(props.get("mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_X")),
+                _f(props.get("mirax.LAYER_0_LEVEL_0_SECTION.MICROMETER_PER_PIXEL_Y")),
+            ),
+        )
     )
     candidates.append(("tiff-resolution", _tiff_tag_mpp(props)))
     candidates.append(("objective-power", 10.0 / objective if objective else None))
@@ -102,7 +109,9 @@ def load_mpp_csv(path: str | Path) -> dict[str, float]:
             if not name:
                 continue
             if value is None or not (MPP_MIN <= value <= MPP_MAX):
-                raise UsageError(f"--mpp-csv {path}:{i}: mpp {row.get(cols['mpp'])!r} not in {MPP_MIN}-{MPP_MAX}")
+                raise UsageError(
+                    f"--mpp-csv {path}:{i}: mpp {row.get(cols['mpp'])!r} not in {MPP_MIN}-{MPP_MAX}"
+                )
             out[stem_of(name)] = value
     return out
 

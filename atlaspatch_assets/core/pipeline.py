@@ -49,8 +49,12 @@ class RunLayout:
 
     @classmethod
     def create(
-        cls, output: str | Path, patch_size: int, step_size: int | None = None,
-        target_mag: float | None = None, target_mpp: float | None = None,
+        cls,
+        output: str | Path,
+        patch_size: int,
+        step_size: int | None = None,
+        target_mag: float | None = None,
+        target_mpp: float | None = None,
     ) -> RunLayout:
         t_mpp, t_mag = target_mpp_from(target_mag, target_mpp)
         return cls(Path(output), int(patch_size), int(step_size or patch_size), t_mag, t_mpp)
@@ -149,7 +153,9 @@ def save_tissue_mask(layout: RunLayout, result: MaskResult) -> None:
     }
     datasets = {MASK: DatasetWrite(result.mask, attrs, compression="gzip")}
     if result.thumbnail is not None:
-        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(result.thumbnail, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+        ok, jpg = cv2.imencode(
+            ".jpg", cv2.cvtColor(result.thumbnail, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85]
+        )
         if ok:
             datasets[THUMBNAIL] = DatasetWrite(jpg.reshape(-1), {"format": "jpeg", "mpp": result.thumb_mpp})
     store.write(datasets, slide_file_attrs(result.info, result.slide_id))
@@ -171,8 +177,11 @@ def save_tissue_mask(layout: RunLayout, result: MaskResult) -> None:
 def load_tissue_mask(layout: RunLayout, slide_id: str) -> MaskResult:
     store = layout.store(slide_id)
     if not store.has(MASK):
-        raise SlideError(f"no tissue mask stored at {store.path}; materialize tissue_mask first",
-                         slide=slide_id, stage="patch_coords")
+        raise SlideError(
+            f"no tissue mask stored at {store.path}; materialize tissue_mask first",
+            slide=slide_id,
+            stage="patch_coords",
+        )
     mask, attrs = store.read(MASK)
     thumbnail = None
     if store.has(THUMBNAIL):
@@ -259,17 +268,23 @@ class CoordsResult:
 
 
 def coords_recipe(geometry: PatchGeometry, params: CoordsParams, mask_hash: str) -> dict[str, Any]:
-    geo = {k: v for k, v in geometry.as_dict().items() if k not in ("read_level", "read_downsample", "read_size")}
-    return {"stage": "patch_coords", "version": 1, "geometry": geo, "mask_recipe": mask_hash, **params.recipe()}
+    geo = {
+        k: v for k, v in geometry.as_dict().items() if k not in ("read_level", "read_downsample", "read_size")
+    }
+    return {
+        "stage": "patch_coords",
+        "version": 1,
+        "geometry": geo,
+        "mask_recipe": mask_hash,
+        **params.recipe(),
+    }
 
 
 def compute_patch_coords(
     slide: Slide, slide_id: str, layout: RunLayout, mask: MaskResult, params: CoordsParams
 ) -> CoordsResult:
     t0 = time.perf_counter()
-    g = compute_geometry(
-        slide.info, layout.patch_size, layout.step_size, target_mpp=layout.target_mpp
-    )
+    g = compute_geometry(slide.info, layout.patch_size, layout.step_size, target_mpp=layout.target_mpp)
     dx, dy = mask.downsample
     tiling = tile(mask.mask, dx, dy, slide.info.width, slide.info.height, g, params.min_tissue_fraction)
     coords, frac = tiling.coords, tiling.tissue_fraction
@@ -358,7 +373,8 @@ def save_patch_coords(layout: RunLayout, result: CoordsResult) -> None:
     datasets = {
         COORDS: DatasetWrite(result.coords.reshape(-1, 2), coords_attrs, chunk_rows=rows),
         "coords_ext": DatasetWrite(
-            result.coords_ext(), {"columns": ["x", "y", "w", "h", "level"], "level_coordinates": "level0"},
+            result.coords_ext(),
+            {"columns": ["x", "y", "w", "h", "level"], "level_coordinates": "level0"},
             chunk_rows=rows,
         ),
         "tissue_fraction": DatasetWrite(result.tissue_fraction, chunk_rows=rows),

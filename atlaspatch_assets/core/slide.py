@@ -265,13 +265,21 @@ def open_slide(path: str | Path, mpp_override: float | None = None, probe: bool 
 
 
 def _make_slide(
-    path: str, backend: str, h: Any, props: dict[str, str], dims: tuple, dss: tuple, mpp_override: float | None
+    path: str,
+    backend: str,
+    h: Any,
+    props: dict[str, str],
+    dims: tuple,
+    dss: tuple,
+    mpp_override: float | None,
 ) -> Slide:
     if not dims or dims[0][0] <= 0 or dims[0][1] <= 0:
         raise SlideOpenError("slide has no pixels")
     res: MppResolution = resolve_mpp(props, backend=backend, path=path, override=mpp_override)
-    vendor = props.get("openslide.vendor") or props.get("tiffslide.vendor") or (
-        "image" if backend == "image" else None
+    vendor = (
+        props.get("openslide.vendor")
+        or props.get("tiffslide.vendor")
+        or ("image" if backend == "image" else None)
     )
     info = SlideInfo(
         path=path,

@@ -170,7 +170,7 @@ class SlideStore:
 
 
 def _copy_except(src: h5py.Group, dst: h5py.Group, drop: set[str], prefix: str = "") -> None:
-    for k in src.keys():
+    for k in src:
         name = f"{prefix}{k}"
         if name in drop:
             continue

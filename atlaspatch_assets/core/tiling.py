@@ -46,15 +46,23 @@ def tissue_fractions(mask: np.ndarray, dx: float, dy: float, coords: np.ndarray,
         return np.zeros(0, np.float32)
     integral = cv2.integral(mask.astype(np.uint8))  # (h+1, w+1), int32
     b = mask_boxes(coords, size0, dx, dy, mask.shape)
-    s = integral[b[:, 3], b[:, 2]] - integral[b[:, 1], b[:, 2]] - integral[b[:, 3], b[:, 0]] + integral[
-        b[:, 1], b[:, 0]
-    ]
+    s = (
+        integral[b[:, 3], b[:, 2]]
+        - integral[b[:, 1], b[:, 2]]
+        - integral[b[:, 3], b[:, 0]]
+        + integral[b[:, 1], b[:, 0]]
+    )
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     return (s / np.maximum(area, 1)).astype(np.float32)
 
 
 def tile(
-    mask: np.ndarray, dx: float, dy: float, width: int, height: int, geometry: PatchGeometry,
+    mask: np.ndarray,
+    dx: float,
+    dy: float,
+    width: int,
+    height: int,
+    geometry: PatchGeometry,
     min_tissue_fraction: float = DEFAULT_MIN_TISSUE_FRACTION,
 ) -> Tiling:
     grid = lattice(width, height, geometry.patch_size_level0, geometry.step_size_level0)

@@ -203,6 +203,7 @@ def tissue_mask(
                 "regions": len(result.polygons),
                 "mask_shape": f"{result.mask.shape[1]}x{result.mask.shape[0]}",
                 "mask_mpp": round(result.thumb_mpp, 3),
+                "slide_mpp": result.info.mpp if result.info else layout.store(slide_id).attrs().get("mpp"),
                 "method": params.method,
                 "recipe_hash": result.recipe_hash,
                 "reused": result.reused,

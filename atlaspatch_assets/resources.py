@@ -7,6 +7,7 @@ from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
 from .core.catalog import SLIDES, Catalog, fingerprint
+from .core.discovery import assign_ids, discover
 from .core.errors import SlideError, SlideOpenError
 from .core.mpp import load_mpp_csv, stem_of
 from .core.pipeline import RunLayout
@@ -47,6 +48,10 @@ class SlideSourceResource(ConfigurableResource):
 
     output_dir: str = Field(default_factory=default_output_dir, description="Output root (holds the catalog)")
     mpp_csv: str = Field("", description="CSV with columns wsi,mpp (matched by file stem)")
+    slide_dirs: list[str] = Field(
+        default_factory=lambda: [d for d in os.environ.get("ATLASPATCH_SLIDE_DIRS", "").split(":") if d],
+        description="Folders searched (recursively) for a slide id not yet in the catalog",
+    )
 
     _mpp: dict[str, float] | None = PrivateAttr(default=None)
 
@@ -60,14 +65,22 @@ class SlideSourceResource(ConfigurableResource):
         return self._mpp
 
     def path_of(self, slide_id: str) -> str:
-        path = self.catalog.slide_paths().get(slide_id)
-        if not path:
-            raise SlideError(
-                "slide id is not registered in the catalog; add it with `atlaspatch` or the sensor",
-                slide=slide_id,
-                stage="open",
-            )
-        return path
+        known = self.catalog.slide_paths()
+        path = known.get(slide_id)
+        if path:
+            return path
+        if self.slide_dirs:  # a partition added by hand in the UI: find and register its file
+            found, _ = discover(self.slide_dirs, recursive=True)
+            for key, sf in assign_ids(found, taken=known).items():
+                if key == slide_id:
+                    self.register(key, sf.path)
+                    return os.path.abspath(sf.path)
+        raise SlideError(
+            "slide id is not in the catalog nor in slide_dirs; add it with `atlaspatch` or the sensor, "
+            "or set ATLASPATCH_SLIDE_DIRS",
+            slide=slide_id,
+            stage="open",
+        )
 
     def open(self, slide_id: str) -> Slide:
         path = self.path_of(slide_id)

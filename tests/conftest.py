@@ -40,13 +40,24 @@ def write_aperio_tiff(path: Path, rgb: np.ndarray, downsamples: tuple[int, ...] 
 
     h, w = rgb.shape[:2]
     with tifffile.TiffWriter(path) as tw:
-        tw.write(rgb, tile=(256, 256), compression="jpeg", photometric="rgb",
-                 description=APERIO_DESC.format(w=w, h=h), metadata=None)
+        tw.write(
+            rgb,
+            tile=(256, 256),
+            compression="jpeg",
+            photometric="rgb",
+            description=APERIO_DESC.format(w=w, h=h),
+            metadata=None,
+        )
         for ds in downsamples:
             level = np.ascontiguousarray(rgb[::ds, ::ds])
-            tw.write(level, tile=(256, 256), compression="jpeg", photometric="rgb",
-                     description=f"Aperio Image Library v1.0\n{w}x{h} -> {level.shape[1]}x{level.shape[0]}",
-                     metadata=None)
+            tw.write(
+                level,
+                tile=(256, 256),
+                compression="jpeg",
+                photometric="rgb",
+                description=f"Aperio Image Library v1.0\n{w}x{h} -> {level.shape[1]}x{level.shape[0]}",
+                metadata=None,
+            )
     return path
 
 

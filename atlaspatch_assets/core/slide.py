@@ -7,7 +7,6 @@ Every read returns RGB uint8 with transparent/absent areas composited onto white
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,11 +107,15 @@ class Slide:
             raise ReadError(f"cannot decode region {w}x{h}@({x},{y}) level {level}: {e}") from e
         return to_rgb(arr)
 
-    def read_thumbnail(self, target_mpp: float, strip_rows: int = 512) -> tuple[np.ndarray, float, float]:
+    def read_thumbnail(
+        self, target_mpp: float, strip_bytes: int = 64 << 20
+    ) -> tuple[np.ndarray, float, float]:
         """Whole-slide image at ~`target_mpp` µm/px, read from the best pyramid level in strips.
 
         Returns (rgb, downsample_x, downsample_y) with downsample = level-0 px per thumbnail px.
-        Memory stays bounded by one strip of the read level plus the thumbnail itself.
+        Each strip is area-resized across, then its rows are added into the thumbnail with exact
+        area weights, so the result does not depend on where strips break; memory stays bounded
+        by one strip (`strip_bytes`) plus the thumbnail.
         """
         if not self.info.mpp:
             raise ReadError("thumbnail needs an MPP")
@@ -122,23 +125,19 @@ class Slide:
         level = self.best_level_for_downsample(want_ds)
         lw, lh = self.info.level_dimensions[level]
         lds_y = H / lh
-        out = np.empty((th, tw, 3), np.uint8)
-        # Rows of the thumbnail per strip; map each strip to an exact row span of the level.
-        for t0 in range(0, th, strip_rows):
-            t1 = min(th, t0 + strip_rows)
-            r0 = math.floor(t0 * lh / th)
-            r1 = min(lh, max(r0 + 1, math.ceil(t1 * lh / th)))
+        s = lh / th  # level rows per thumbnail row
+        acc = np.zeros((th, tw, 3), np.float32)
+        rows_per_strip = max(1, min(lh, strip_bytes // max(1, lw * 4)))
+        for r0 in range(0, lh, rows_per_strip):
+            r1 = min(lh, r0 + rows_per_strip)
             strip = self.read_region((0, round(r0 * lds_y)), level, (lw, r1 - r0))
-            # Resize the strip so that its rows land on [t0, t1) of the thumbnail.
-            scale_rows = (r1 - r0) * th / lh
-            rows = max(1, round(scale_rows))
-            resized = cv2.resize(strip, (tw, rows), interpolation=cv2.INTER_AREA)
-            out[t0:t1] = resized[: t1 - t0] if rows >= t1 - t0 else _pad_rows(resized, t1 - t0)
-        return out, W / tw, H / th
-
-
-def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
-    return np.concatenate([a, np.repeat(a[-1:], n - a.shape[0], axis=0)], axis=0)
+            across = cv2.resize(strip, (tw, r1 - r0), interpolation=cv2.INTER_AREA).astype(np.float32)
+            t0, t1 = int(r0 // s), min(th, int(np.ceil(r1 / s)))
+            t = np.arange(t0, t1, dtype=np.float64)[:, None]
+            r = np.arange(r0, r1, dtype=np.float64)[None, :]
+            weights = np.clip(np.minimum((t + 1) * s, r + 1) - np.maximum(t * s, r), 0, None) / s
+            acc[t0:t1] += np.einsum("tr,rwc->twc", weights.astype(np.float32), across)
+        return np.clip(acc + 0.5, 0, 255).astype(np.uint8), W / tw, H / th
 
 
 def to_rgb(arr: np.ndarray) -> np.ndarray:

@@ -60,9 +60,28 @@ def _decode(v: Any) -> Any:
     return v
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphan_temps(path: Path) -> None:
+    """Delete hidden temp files of `path` whose writer process is gone (killed mid-write)."""
+    for p in path.parent.glob(f".{path.name}{TMP_MARK}*"):
+        pid = p.name.rsplit(TMP_MARK, 1)[-1].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write bytes to `path` via a hidden temp file + rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temps(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as fh:

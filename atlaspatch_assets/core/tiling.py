@@ -67,7 +67,7 @@ def tile(
 ) -> Tiling:
     grid = lattice(width, height, geometry.patch_size_level0, geometry.step_size_level0)
     frac = tissue_fractions(mask, dx, dy, grid, geometry.patch_size_level0)
-    keep = frac >= min_tissue_fraction if min_tissue_fraction > 0 else frac > 0
+    keep = frac >= min_tissue_fraction
     return Tiling(coords=grid[keep], tissue_fraction=frac[keep], grid_size=len(grid))
 
 

@@ -81,7 +81,7 @@ def run_slides(
     layout: RunLayout = store.layout
     source = SlideSourceResource(output_dir=store.output_dir, mpp_csv=opts.mpp_csv or "")
     defs = build_definitions(store=store, slide_source=source, compute=ComputeResource(device=opts.device))
-    job = defs.get_job_def(SEGMENT_AND_COORDS)
+    job = defs.resolve_job_def(SEGMENT_AND_COORDS)
     instance = instance or get_instance()
 
     ids = assign_ids(list(slides), taken=store.catalog.slide_paths())

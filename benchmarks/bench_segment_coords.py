@@ -70,7 +70,18 @@ def _current_rss_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
 
 
-def run_one(path: str, profile_out: str | None = None) -> dict[str, Any]:
+def source_fingerprint(modules: list[Any]) -> str:
+    """Short hash of the library sources this child imported (other engineers edit them concurrently)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for mod in sorted(modules, key=lambda m: m.__name__):
+        h.update(mod.__name__.encode())
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def run_one(path: str, profile_out: str | None = None, tissue_thresh: float | None = None) -> dict[str, Any]:
     """Measure one slide in this (fresh) process; returns a JSON-able dict."""
     t_imp = time.perf_counter()
     import gc
@@ -90,6 +101,13 @@ def run_one(path: str, profile_out: str | None = None) -> dict[str, Any]:
     from atlaspatch_assets.core.slide import open_slide
 
     import_s = time.perf_counter() - t_imp
+    fingerprint = source_fingerprint(
+        [
+            m
+            for name, m in sys.modules.items()
+            if name.startswith("atlaspatch_assets") and getattr(m, "__file__", None)
+        ]
+    )
     gc.collect()
     baseline = _current_rss_bytes()
     maxrss_at_baseline = _maxrss_bytes()
@@ -100,7 +118,10 @@ def run_one(path: str, profile_out: str | None = None) -> dict[str, Any]:
 
         prof = cProfile.Profile()
 
-    seg_params, coords_params = SegmentationParams(), CoordsParams()
+    seg_params = (
+        SegmentationParams() if tissue_thresh is None else SegmentationParams(tissue_thresh=tissue_thresh)
+    )
+    coords_params = CoordsParams()
     peaks: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bench_segcoords_") as tmpdir:
         if prof:
@@ -133,6 +154,8 @@ def run_one(path: str, profile_out: str | None = None) -> dict[str, Any]:
     peak = _maxrss_bytes()
     return {
         "path": path,
+        "source_fingerprint": fingerprint,
+        "tissue_thresh": seg_params.tissue_thresh,
         "width": info.width,
         "height": info.height,
         "mpp": info.mpp,
@@ -204,8 +227,12 @@ def ensure_slide(tool: Path, data_dir: Path, w: int, h: int) -> dict[str, Any]:
     return {"path": str(path), "built_now": True, "seconds": secs, "bytes": path.stat().st_size}
 
 
-def run_child(path: Path, profile_out: Path | None = None) -> dict[str, Any]:
+def run_child(
+    path: Path, profile_out: Path | None = None, tissue_thresh: float | None = None
+) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(path)]
+    if tissue_thresh is not None:
+        cmd += ["--tissue-thresh", repr(tissue_thresh)]
     if profile_out:
         cmd += ["--profile-out", str(profile_out)]
     p = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
@@ -252,6 +279,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ):
         med[k] = first[k]
     med["runs"] = len(runs)
+    med["fingerprints"] = sorted({r["source_fingerprint"] for r in runs})
+    med["tissue_thresh"] = first["tissue_thresh"]
     med["seg_coords_all"] = [r["seg_coords_s"] for r in runs]
     med["peak_all"] = [r["peak_rss"] for r in runs]
     return med
@@ -344,6 +373,20 @@ def report(summaries: list[dict[str, Any]], repeats: int) -> tuple[str, bool]:
             f"imports {s['import_s']:.2f} s; seg+coords runs {[round(v, 3) for v in s['seg_coords_all']]} s; "
             f"peak runs {[round(v / MB) for v in s['peak_all']]} MB"
         )
+    prints = sorted({f for s in summaries for f in s["fingerprints"]})
+    out.append(f"  library sources (sha256 of imported atlaspatch_assets modules): {', '.join(prints)}")
+    if len(prints) > 1:
+        out.append(
+            "  WARNING: the library sources changed between runs (concurrent edits): medians mix versions"
+        )
+    for s in summaries:
+        if s["num_patches"] == 0:
+            out.append(
+                f"  WARNING: {s['width']}x{s['height']} gave 0 patches "
+                f"(tissue {100 * s['tissue_fraction']:.1f} %): "
+                f"every region may be below tissue_thresh={s['tissue_thresh']:g} x thumbnail area; "
+                "try --tissue-thresh"
+            )
     out.append("")
 
     ok_time = big["seg_coords_s"] <= GOAL_SECONDS
@@ -392,11 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per slide (median reported)")
     ap.add_argument("--profile", action="store_true", help="then one extra cProfile'd child per slide")
     ap.add_argument("--json", metavar="FILE", help="also write all raw runs and medians as JSON")
+    ap.add_argument(
+        "--tissue-thresh",
+        type=float,
+        default=None,
+        help="override SegmentationParams.tissue_thresh (default: the pipeline's own default)",
+    )
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     a = ap.parse_args(argv)
 
     if a.one:
-        res = run_one(a.one, a.profile_out)
+        res = run_one(a.one, a.profile_out, a.tissue_thresh)
         print(RESULT_PREFIX + json.dumps(res), flush=True)
         return 0
 
@@ -417,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {b["path"]: [] for b in builds}
     for r in range(a.repeats):  # interleave rounds so drifting background load hits every slide alike
         for b in builds:
-            res = run_child(Path(b["path"]))
+            res = run_child(Path(b["path"]), tissue_thresh=a.tissue_thresh)
             runs[b["path"]].append(res)
             name = Path(b["path"]).name
             print(
@@ -435,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.profile:
         for b in builds:
             prof = data_dir / (Path(b["path"]).stem + ".segcoords.prof")
-            res = run_child(Path(b["path"]), prof)
+            res = run_child(Path(b["path"]), prof, a.tissue_thresh)
             name = Path(b["path"]).name
             print(
                 f"\n=== cProfile {name} (profiled run: seg+coords {res['seg_coords_s']:.3f} s, "

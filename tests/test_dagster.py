@@ -39,7 +39,7 @@ def test_asset_graph_shape() -> None:
     graph = defs.resolve_asset_graph()
     assert graph.get(AssetKey("patch_coords")).parent_keys == {AssetKey("tissue_mask")}
     assert graph.get(AssetKey("tissue_mask")).partitions_def.name == "slides"
-    job = defs.get_job_def(SEGMENT_AND_COORDS)
+    job = defs.resolve_job_def(SEGMENT_AND_COORDS)
     assert job.partitions_def is not None
 
 
@@ -60,7 +60,7 @@ def test_runs_isolate_broken_slides(tmp_path: Path, batched: bool) -> None:
         source.register(key, sf.path)
     keys = list(ids)
     instance.add_dynamic_partitions("slides", keys)
-    job = defs.get_job_def(SEGMENT_AND_COORDS)
+    job = defs.resolve_job_def(SEGMENT_AND_COORDS)
     cfg = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
     if batched:
         res = job.execute_in_process(

@@ -108,14 +108,15 @@ class Slide:
         return to_rgb(arr)
 
     def read_thumbnail(
-        self, target_mpp: float, strip_bytes: int = 64 << 20
+        self, target_mpp: float, strip_bytes: int = 8 << 20
     ) -> tuple[np.ndarray, float, float]:
         """Whole-slide image at ~`target_mpp` µm/px, read from the best pyramid level in strips.
 
         Returns (rgb, downsample_x, downsample_y) with downsample = level-0 px per thumbnail px.
-        Each strip is area-resized across, then its rows are added into the thumbnail with exact
-        area weights, so the result does not depend on where strips break; memory stays bounded
-        by one strip (`strip_bytes`) plus the thumbnail.
+        Each strip is area-resized across; each of its rows is then split between the (at most
+        two) thumbnail rows it overlaps with exact area weights, so the result does not depend on
+        where strips break. Memory: one strip (`strip_bytes` of RGBA at the level) + the uint8
+        thumbnail.
         """
         if not self.info.mpp:
             raise ReadError("thumbnail needs an MPP")
@@ -124,20 +125,45 @@ class Slide:
         tw, th = max(1, round(W / want_ds)), max(1, round(H / want_ds))
         level = self.best_level_for_downsample(want_ds)
         lw, lh = self.info.level_dimensions[level]
+        if lh < th or lw < tw:  # rounding corner case on tiny slides: one read, one resize
+            region = self.read_region((0, 0), level, (lw, lh))
+            return cv2.resize(region, (tw, th), interpolation=cv2.INTER_AREA), W / tw, H / th
         lds_y = H / lh
-        s = lh / th  # level rows per thumbnail row
-        acc = np.zeros((th, tw, 3), np.float32)
+        s = lh / th  # level rows per thumbnail row (>= 1)
+        out = np.empty((th, tw, 3), np.uint8)
+        pending: np.ndarray | None = None  # partial sums of thumbnail rows [pending_at, ...)
+        pending_at = 0
         rows_per_strip = max(1, min(lh, strip_bytes // max(1, lw * 4)))
         for r0 in range(0, lh, rows_per_strip):
             r1 = min(lh, r0 + rows_per_strip)
             strip = self.read_region((0, round(r0 * lds_y)), level, (lw, r1 - r0))
             across = cv2.resize(strip, (tw, r1 - r0), interpolation=cv2.INTER_AREA).astype(np.float32)
-            t0, t1 = int(r0 // s), min(th, int(np.ceil(r1 / s)))
-            t = np.arange(t0, t1, dtype=np.float64)[:, None]
-            r = np.arange(r0, r1, dtype=np.float64)[None, :]
-            weights = np.clip(np.minimum((t + 1) * s, r + 1) - np.maximum(t * s, r), 0, None) / s
-            acc[t0:t1] += np.einsum("tr,rwc->twc", weights.astype(np.float32), across)
-        return np.clip(acc + 0.5, 0, 255).astype(np.uint8), W / tw, H / th
+            del strip
+            r = np.arange(r0, r1, dtype=np.float64)
+            t = np.minimum((r // s).astype(np.int64), th - 1)  # first thumbnail row of each level row
+            w_first = (np.minimum(r + 1, (t + 1) * s) - r) / s
+            w_next = (1.0 / s) - w_first  # the part that spills into row t + 1
+            lo, hi = int(t[0]), min(th, int(t[-1]) + 2)
+            window = np.zeros((hi - lo, tw, 3), np.float32)
+            if pending is not None:  # rows the previous strip started
+                k = pending_at - lo
+                window[k : k + len(pending)] += pending[: hi - lo - k]
+            _accumulate(window, t - lo, across * w_first[:, None, None].astype(np.float32))
+            spill = (w_next > 1e-9) & (t + 1 < th)
+            if spill.any():
+                spilled = across[spill] * w_next[spill, None, None].astype(np.float32)
+                _accumulate(window, t[spill] + 1 - lo, spilled)
+            done = hi if r1 == lh else min(hi, int(r1 // s))  # later strips only touch rows >= r1 // s
+            np.add(window[: done - lo], 0.5, out=window[: done - lo])
+            out[lo:done] = np.clip(window[: done - lo], 0, 255)
+            pending, pending_at = window[done - lo :], done
+        return out, W / tw, H / th
+
+
+def _accumulate(acc: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """acc[rows] += values for non-decreasing `rows` (sums runs of equal rows first)."""
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    acc[rows[starts]] += np.add.reduceat(values, starts, axis=0)
 
 
 def to_rgb(arr: np.ndarray) -> np.ndarray:

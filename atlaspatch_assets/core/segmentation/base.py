@@ -9,10 +9,16 @@ import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
 
 
+REFERENCE_AREA_PX = 1024 * 1024  # --tissue-thresh is a fraction of this many mask pixels
+
+
 @dataclass(frozen=True)
 class SegmentationParams:
     method: str = "otsu"  # "otsu" (classical, no weights) or "sam2"
-    tissue_thresh: float = 0.01  # min tissue region area, fraction of the thumbnail (seed)
+    # Min tissue region area as a fraction of the thumbnail, as in the seed, but the thumbnail
+    # counts as at most 1024×1024 px at `mask_mpp`: on large slides the limit stays physical
+    # (0.01 at 8 µm/px ≈ 0.67 mm²) instead of growing with the slide and erasing small biopsies.
+    tissue_thresh: float = 0.01
     min_hole_area_um2: float = 20_000.0  # holes smaller than this are filled (0.02 mm²)
     mask_mpp: float = 8.0  # physical resolution of the thumbnail the mask is computed on
     median_blur_um: float = 56.0  # otsu: median filter size (physical)
@@ -54,7 +60,8 @@ class TissueMask:
     @classmethod
     def from_raw(cls, raw: np.ndarray, thumb_mpp: float, params: SegmentationParams) -> TissueMask:
         px_um2 = thumb_mpp * thumb_mpp
-        min_tissue_px = params.tissue_thresh * raw.size
+        reference_px = min(raw.size, REFERENCE_AREA_PX * (params.mask_mpp / thumb_mpp) ** 2)
+        min_tissue_px = params.tissue_thresh * reference_px
         min_hole_px = params.min_hole_area_um2 / px_um2
         polys = mask_to_polygons(raw, min_tissue_px, min_hole_px)
         mask = np.zeros(raw.shape, np.uint8)

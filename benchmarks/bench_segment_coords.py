@@ -3,7 +3,7 @@
 
 Measures the core library calls exactly as the pipeline runs them (open_slide →
 compute_tissue_mask → compute_patch_coords → save_tissue_mask/save_patch_coords) on
-synthetic Aperio-style SVS slides built with /work/shared/tools/make_test_slide.py.
+synthetic Aperio-style SVS slides built with ../shared/tools/make_test_slide.py.
 
 Every measurement runs in a fresh child process (`--one PATH`), so the peak RSS
 (ru_maxrss) belongs to that slide alone; the child also records its RSS right after
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TOOL = Path("/work/shared/tools/make_test_slide.py")
+DEFAULT_TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "make_test_slide.py"
 DEFAULT_SIZES = "20000x15000,80000x60000"
 RESULT_PREFIX = "BENCH_RESULT "
 

@@ -100,12 +100,26 @@ class Slide:
             if self.backend == "openslide":
                 arr = np.asarray(self._h.read_region((x, y), level, (w, h)))
             elif self.backend == "tiffslide":
-                arr = np.asarray(self._h.read_region((x, y), level, (w, h), as_array=True))
+                return self._read_tiffslide(x, y, level, w, h)
             else:
                 arr = self._h.read_region((x, y), level, (w, h))
         except Exception as e:  # codec/IO errors surface here
             raise ReadError(f"cannot decode region {w}x{h}@({x},{y}) level {level}: {e}") from e
         return to_rgb(arr)
+
+    def _read_tiffslide(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        """tiffslide pads outside the image with black: read the inside only, pad with white."""
+        ds = self.info.level_downsamples[level]
+        lw, lh = self.info.level_dimensions[level]
+        lx, ly = x / ds, y / ds
+        x0, y0 = max(0, int(np.ceil(-lx))), max(0, int(np.ceil(-ly)))  # first inside column/row
+        x1, y1 = min(w, int(np.floor(lw - lx))), min(h, int(np.floor(lh - ly)))
+        out = np.full((h, w, 3), 255, np.uint8)
+        if x1 > x0 and y1 > y0:
+            loc = (x + round(x0 * ds), y + round(y0 * ds))
+            arr = np.asarray(self._h.read_region(loc, level, (x1 - x0, y1 - y0), as_array=True))
+            out[y0:y1, x0:x1] = to_rgb(arr)
+        return out
 
     def read_thumbnail(
         self, target_mpp: float, strip_bytes: int = 8 << 20

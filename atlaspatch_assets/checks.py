@@ -36,9 +36,7 @@ def has_tissue(context: AssetCheckExecutionContext, store: StoreResource) -> Ass
     )
 
 
-@asset_check(
-    asset="patch_coords", partitions_def=slides_partitions, description="Coordinates exist and are non-empty."
-)
+@asset_check(asset="patch_coords", partitions_def=slides_partitions, description="Coordinates exist and are non-empty.")
 def has_patches(context: AssetCheckExecutionContext, store: StoreResource) -> AssetCheckResult:
     layout = store.layout
     missing, empty, counts = [], [], {}

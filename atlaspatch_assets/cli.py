@@ -23,16 +23,10 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by segment-and-get-coords and detect-tissue (seed names and defaults)."""
     opts = [
         click.argument("wsi_path", nargs=-1, required=True, type=click.Path()),
-        click.option(
-            "--patch-size", type=int, required=True, help="Patch side at the target magnification (px)"
-        ),
-        click.option(
-            "--target-mag", type=float, default=None, help="Target magnification, e.g. 20 (= 0.5 µm/px)"
-        ),
+        click.option("--patch-size", type=int, required=True, help="Patch side at the target magnification (px)"),
+        click.option("--target-mag", type=float, default=None, help="Target magnification, e.g. 20 (= 0.5 µm/px)"),
         click.option("--target-mpp", type=float, default=None, help="Target µm/px (instead of --target-mag)"),
-        click.option(
-            "--step-size", type=int, default=None, help="Stride at the target magnification [patch-size]"
-        ),
+        click.option("--step-size", type=int, default=None, help="Stride at the target magnification [patch-size]"),
         click.option(
             "--output",
             "-o",
@@ -41,9 +35,7 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Output root (run folder <mag>x_<patch>px_<overlap>px_overlap inside)",
         ),
-        click.option(
-            "--device", default="cpu", show_default=True, help="Segmentation device (cpu, cuda, cuda:<i>)"
-        ),
+        click.option("--device", default="cpu", show_default=True, help="Segmentation device (cpu, cuda, cuda:<i>)"),
         click.option(
             "--seg-method",
             type=click.Choice(["otsu", "sam2"]),
@@ -118,9 +110,7 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--visualize-mask", is_flag=True, help="Mask overlay in visualization/"),
         click.option("--visualize-contours", is_flag=True, help="Contour overlay in visualization/"),
         click.option("--recursive", is_flag=True, help="Search directories recursively"),
-        click.option(
-            "--mpp-csv", type=click.Path(), default=None, help="CSV with columns wsi,mpp (by file stem)"
-        ),
+        click.option("--mpp-csv", type=click.Path(), default=None, help="CSV with columns wsi,mpp (by file stem)"),
         click.option(
             "--skip-existing/--force",
             default=True,
@@ -138,6 +128,102 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(__version__, prog_name="atlaspatch")
 def main() -> None:
     """Whole-slide images → tissue masks → patch coordinates, as Dagster assets."""
+
+
+def _feature_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of `process` on top of the common ones (seed names and defaults)."""
+    opts = [
+        click.option(
+            "--feature-extractors",
+            required=True,
+            help="Space/comma separated encoders (see `atlaspatch info`), e.g. resnet50,uni_v1",
+        ),
+        click.option("--feature-batch-size", type=int, default=32, show_default=True),
+        click.option("--feature-device", default=None, help="Device for features [inherits --device]"),
+        click.option(
+            "--feature-num-workers",
+            type=int,
+            default=4,
+            show_default=True,
+            help="Reader threads decoding tiles ahead of the model",
+        ),
+        click.option(
+            "--feature-precision",
+            type=click.Choice(["float32", "float16", "bfloat16"]),
+            default="float32",
+            show_default=True,
+            help="Compute precision (CPU half: autocast)",
+        ),
+        click.option(
+            "--feature-plugin",
+            multiple=True,
+            type=click.Path(),
+            help="Python file defining register_feature_extractors(registry, device, dtype, num_workers)",
+        ),
+        click.option(
+            "--weights-dir",
+            type=click.Path(),
+            default=None,
+            envvar="ATLASPATCH_WEIGHTS_DIR",
+            help="Folder with <encoder>/<file> or <encoder>.<ext> weights (never downloaded)",
+        ),
+        click.option(
+            "--encoder-weights", multiple=True, metavar="NAME=PATH", help="Weights file for one encoder (repeatable)"
+        ),
+        click.option(
+            "--scaled-decode/--exact-decode",
+            default=False,
+            show_default=True,
+            help="libjpeg-turbo DCT-scaled decode when the read downsample is 2/4/8 (faster, approximate)",
+        ),
+        click.option(
+            "--features-dtype",
+            type=click.Choice(["float32", "float16"]),
+            default="float32",
+            show_default=True,
+            help="Storage dtype of features/<encoder>",
+        ),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _encoder_options(kw: dict[str, Any]) -> dict[str, Any]:
+    """Validate encoder names (suggesting close ones) and weights options before any work."""
+    from .core.encoders import ENCODERS, PluginError, UnknownEncoderError, get_encoder_spec
+    from .features_assets import build_registry, parse_list
+
+    names = parse_list(kw["feature_extractors"])
+    if not names:
+        raise UsageError("--feature-extractors: give at least one encoder")
+    plugins = [os.path.abspath(p) for p in kw["feature_plugin"]]
+    try:
+        registry = build_registry(plugins) if plugins else ENCODERS
+        names = [get_encoder_spec(n, registry).name for n in names]
+    except (UnknownEncoderError, PluginError) as e:
+        raise UsageError(str(e)) from e
+    weights: dict[str, str] = {}
+    for item in kw["encoder_weights"]:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--encoder-weights {item!r}: expected NAME=PATH")
+        weights[name.strip()] = os.path.abspath(path.strip())
+    return {
+        "encoders": tuple(dict.fromkeys(names)),
+        "plugins": tuple(plugins),
+        "encoder_weights": weights,
+        "weights_dir": os.path.abspath(kw["weights_dir"]) if kw["weights_dir"] else None,
+        "features": {
+            "batch_size": max(1, kw["feature_batch_size"]),
+            "num_workers": max(1, kw["feature_num_workers"]),
+            "precision": kw["feature_precision"],
+            "device": kw["feature_device"] or kw["device"],
+            "scaled_decode": kw["scaled_decode"],
+            "store_dtype": kw["features_dtype"],
+            "skip_existing": kw["skip_existing"],
+        },
+    }
 
 
 def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
@@ -167,6 +253,7 @@ def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
                 "--seg-method sam2 needs a local checkpoint: --sam2-checkpoint PATH "
                 "(or ATLASPATCH_SAM2_CHECKPOINT); weights are never downloaded"
             )
+        feature_opts = _encoder_options(kw) if "feature_extractors" in kw else {}
     except UsageError as e:
         raise click.UsageError(str(e)) from e
 
@@ -209,6 +296,7 @@ def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
         patch_coords=coords_cfg,
         assets=assets,
         verbose=kw["verbose"],
+        **feature_opts,
     )
     with ProgressReporter(console, total=len(slides), enabled=not kw["verbose"]) as progress:
         outcomes = run_slides(slides, opts, on_progress=progress.advance)
@@ -220,9 +308,7 @@ def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
 def _setup_logging(verbose: bool) -> None:
     import warnings
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not verbose:
         # Dagster's beta/preview notices are noise for CLI users.
         warnings.filterwarnings("ignore", module=r"dagster(\..*)?$")
@@ -232,6 +318,14 @@ def _setup_logging(verbose: bool) -> None:
 @_common_options
 def segment_and_get_coords(**kw: Any) -> None:
     """Segment tissue and compute patch coordinates for WSI_PATH (files or folders)."""
+    _run(kw, ("tissue_mask", "patch_coords"))
+
+
+@main.command("process", context_settings=CONTEXT)
+@_common_options
+@_feature_options
+def process(**kw: Any) -> None:
+    """segment-and-get-coords + patch features (features/<encoder> in each slide's store)."""
     _run(kw, ("tissue_mask", "patch_coords"))
 
 
@@ -257,23 +351,22 @@ def info() -> None:
     t.add_column("kind")
     t.add_column("extensions")
     t.add_column("reader")
-    t.add_row(
-        "whole-slide images", " ".join(OPENSLIDE_EXTENSIONS), "OpenSlide, then tiffslide for TIFF variants"
-    )
-    t.add_row(
-        "plain images", " ".join(IMAGE_EXTENSIONS) + " + plain TIFF", "Pillow/tifffile (MPP via --mpp-csv)"
-    )
+    t.add_row("whole-slide images", " ".join(OPENSLIDE_EXTENSIONS), "OpenSlide, then tiffslide for TIFF variants")
+    t.add_row("plain images", " ".join(IMAGE_EXTENSIONS) + " + plain TIFF", "Pillow/tifffile (MPP via --mpp-csv)")
     t.add_row("DICOM series", "folder of .dcm", "OpenSlide (one slide per folder)")
     c.print(t)
     c.print("Segmentation methods: " + ", ".join(sorted(SEGMENTERS)) + " (otsu needs no weights)")
     try:
         from .core.encoders.registry import ENCODERS
 
-        e = Table(title="Patch encoders", show_header=True)
-        e.add_column("name")
-        e.add_column("dim", justify="right")
+        e = Table(title="Patch encoders (--feature-extractors)", show_header=True)
+        for col in ("name", "dim", "input", "library", "model / weights"):
+            e.add_column(col, justify="right" if col in ("dim", "input") else "left")
         for name, spec in sorted(ENCODERS.items()):
-            e.add_row(name, str(getattr(spec, "dim", getattr(spec, "output_dim", "?"))))
+            note = spec.model_id or ""
+            if spec.unavailable:
+                note = f"needs plugin: {spec.unavailable}"[:60]
+            e.add_row(name, str(spec.dim), str(spec.input_size), spec.library, note)
         c.print(e)
     except Exception:
         c.print("Patch encoders: not available in this installation")

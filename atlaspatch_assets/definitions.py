@@ -2,32 +2,71 @@
 
 from __future__ import annotations
 
-from dagster import Definitions
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from dagster import AssetKey, AssetSelection, Definitions, define_asset_job
 
 from .assets import patch_coords, tissue_mask
 from .checks import has_patches, has_tissue
 from .io_managers import SlideStoreIOManager
-from .jobs import segment_and_coords_job
+from .jobs import PROCESS, segment_and_coords_job
 from .resources import ComputeResource, SlideSourceResource, StoreResource
+
+
+def features_available() -> bool:
+    """Patch features need torch (extra `features`); without it the slide assets still load."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def configured_encoders() -> list[str]:
+    from .features_assets import DEFAULT_ENCODER_ASSETS, parse_list
+
+    return parse_list(os.environ.get("ATLASPATCH_ENCODERS")) or list(DEFAULT_ENCODER_ASSETS)
 
 
 def build_definitions(
     store: StoreResource | None = None,
     slide_source: SlideSourceResource | None = None,
     compute: ComputeResource | None = None,
+    encoders: Sequence[str] | None = None,
+    encoders_resource: Any = None,
 ) -> Definitions:
+    """All assets, checks, jobs and resources; `encoders` = the `features/<name>` assets to define."""
     store = store or StoreResource()
-    return Definitions(
-        assets=[tissue_mask, patch_coords],
-        asset_checks=[has_tissue, has_patches],
-        jobs=[segment_and_coords_job],
-        resources={
-            "store": store,
-            "slide_source": slide_source or SlideSourceResource(output_dir=store.output_dir),
-            "compute": compute or ComputeResource(),
-            "slide_store_io": SlideStoreIOManager(store=store),
-        },
-    )
+    assets: list[Any] = [tissue_mask, patch_coords]
+    checks: list[Any] = [has_tissue, has_patches]
+    jobs: list[Any] = [segment_and_coords_job]
+    resources: dict[str, Any] = {
+        "store": store,
+        "slide_source": slide_source or SlideSourceResource(output_dir=store.output_dir),
+        "compute": compute or ComputeResource(),
+        "slide_store_io": SlideStoreIOManager(store=store),
+    }
+    if features_available():
+        from .features_assets import EncodersResource, build_features_assets, encoder_key
+
+        enc_res = encoders_resource or EncodersResource()
+        names = list(encoders) if encoders is not None else configured_encoders()
+        feature_defs = build_features_assets(names, enc_res.registry) if names else []
+        assets += feature_defs[:1]
+        checks += feature_defs[1:]
+        resources["encoders"] = enc_res
+        jobs.append(
+            define_asset_job(
+                PROCESS,
+                selection=AssetSelection.assets("tissue_mask", "patch_coords")
+                | AssetSelection.assets(*[encoder_key(n) for n in names]),
+                description="Mask, coordinates and patch features (select the encoders you need).",
+            )
+        )
+    return Definitions(assets=assets, asset_checks=checks, jobs=jobs, resources=resources)
+
+
+def asset_keys(names: Sequence[str]) -> list[AssetKey]:
+    return [AssetKey(n.split("/")) for n in names]
 
 
 defs = build_definitions()

@@ -19,7 +19,7 @@ from .core.discovery import SlideFile, assign_ids
 from .core.errors import SlideError
 from .core.pipeline import COORDS, MASK, RunLayout
 from .definitions import build_definitions
-from .jobs import SEGMENT_AND_COORDS
+from .jobs import PROCESS, SEGMENT_AND_COORDS
 from .partitions import SLIDES_PARTITION
 from .resources import ComputeResource, SlideSourceResource, StoreResource
 
@@ -52,6 +52,11 @@ class RunOptions:
     tissue_mask: dict[str, Any] = field(default_factory=dict)  # TissueMaskConfig fields
     patch_coords: dict[str, Any] = field(default_factory=dict)  # PatchCoordsConfig fields
     assets: tuple[str, ...] = ("tissue_mask", "patch_coords")
+    encoders: tuple[str, ...] = ()  # features/<encoder> assets to materialize too
+    features: dict[str, Any] = field(default_factory=dict)  # FeaturesConfig fields
+    weights_dir: str | None = None
+    encoder_weights: dict[str, str] = field(default_factory=dict)
+    plugins: tuple[str, ...] = ()
     verbose: bool = False
 
     def store(self) -> StoreResource:
@@ -80,8 +85,23 @@ def run_slides(
     store = opts.store()
     layout: RunLayout = store.layout
     source = SlideSourceResource(output_dir=store.output_dir, mpp_csv=opts.mpp_csv or "")
-    defs = build_definitions(store=store, slide_source=source, compute=ComputeResource(device=opts.device))
-    job = defs.resolve_job_def(SEGMENT_AND_COORDS)
+    encoders_resource = None
+    if opts.encoders:
+        from .features_assets import EncodersResource
+
+        encoders_resource = EncodersResource(
+            weights_dir=opts.weights_dir or os.environ.get("ATLASPATCH_WEIGHTS_DIR", ""),
+            encoder_weights=dict(opts.encoder_weights),
+            plugins=list(opts.plugins),
+        )
+    defs = build_definitions(
+        store=store,
+        slide_source=source,
+        compute=ComputeResource(device=opts.device),
+        encoders=list(opts.encoders),
+        encoders_resource=encoders_resource,
+    )
+    job = defs.resolve_job_def(PROCESS if opts.encoders else SEGMENT_AND_COORDS)
     instance = instance or get_instance()
 
     ids = assign_ids(list(slides), taken=store.catalog.slide_paths())
@@ -96,11 +116,13 @@ def run_slides(
     ops: dict[str, Any] = {"tissue_mask": {"config": opts.tissue_mask}}
     if "patch_coords" in opts.assets:
         ops["patch_coords"] = {"config": opts.patch_coords}
+    if opts.encoders:
+        ops["patch_features"] = {"config": opts.features}
     run_config = {
         "ops": ops,
         "loggers": {"console": {"config": {"log_level": "INFO" if opts.verbose else "CRITICAL"}}},
     }
-    selection = [k for k in opts.assets]
+    selection = [*opts.assets, *(f"features/{e}" for e in opts.encoders)]
     outcomes: list[SlideOutcome] = []
     for slide_id, sf in ids.items():
         t0 = time.perf_counter()
@@ -111,9 +133,7 @@ def run_slides(
             raise_on_error=False,
             asset_selection=[_key(a) for a in selection],
         )
-        outcome = SlideOutcome(
-            slide_id, sf.path, "done", seconds=time.perf_counter() - t0, run_id=result.run_id
-        )
+        outcome = SlideOutcome(slide_id, sf.path, "done", seconds=time.perf_counter() - t0, run_id=result.run_id)
         if not result.success:
             outcome.status = "failed"
             outcome.reason = _failure_reason(result) or "run failed"
@@ -128,7 +148,7 @@ def run_slides(
 def _key(name: str) -> Any:
     from dagster import AssetKey
 
-    return AssetKey(name)
+    return AssetKey(name.split("/"))
 
 
 def _failure_reason(result: Any) -> str:

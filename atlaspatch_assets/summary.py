@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -39,9 +40,7 @@ class ProgressReporter:
             style = _STYLE.get(outcome.status, "")
             self.progress.update(self.task, advance=1, last=f"[{style}]{outcome.slide_id} {outcome.status}")
 
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if self.enabled:
             self.progress.stop()
 
@@ -60,9 +59,9 @@ def print_summary(console: Console, outcomes: Sequence[Any], opts: Any) -> None:
         t.add_column(col, **kw)
     for o in outcomes:
         style = _STYLE.get(o.status, "")
-        note = o.reason if o.status == "failed" else "; ".join(o.warnings)
+        note = escape(o.reason if o.status == "failed" else "; ".join(o.warnings))
         t.add_row(
-            o.slide_id,
+            escape(o.slide_id),
             f"[{style}]{o.status}[/{style}]",
             "" if o.num_patches is None else str(o.num_patches),
             "" if o.tissue_fraction is None else f"{o.tissue_fraction:.1%}",
@@ -73,11 +72,10 @@ def print_summary(console: Console, outcomes: Sequence[Any], opts: Any) -> None:
     console.print(t)
     for o in outcomes:  # full reasons, one line each (never folded), easy to grep
         if o.status == "failed":
-            console.print(f"[red]FAILED[/red] {o.path}: {o.reason}", soft_wrap=True, highlight=False)
+            console.print(f"[red]FAILED[/red] {escape(o.path)}: {escape(o.reason)}", soft_wrap=True, highlight=False)
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("done", "skipped", "failed")}
     console.print(
-        f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
-        f" → {opts.store().layout.root}",
+        f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed → {opts.store().layout.root}",
         soft_wrap=True,
         highlight=False,
     )

@@ -171,9 +171,7 @@ class FastPatchReader:
         except BaseException:
             self.close()
             raise
-        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            self.threads, thread_name_prefix="fastpatch"
-        )
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(self.threads, thread_name_prefix="fastpatch")
 
     # -- public --------------------------------------------------------------------------
     @property
@@ -205,9 +203,7 @@ class FastPatchReader:
             **self.stats,
         }
 
-    def iter_batches(
-        self, coords: np.ndarray, batch_size: int = 64
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_batches(self, coords: np.ndarray, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (indices, uint8 (B, patch, patch, 3)) in coordinate order; coords are level-0 (x, y)."""
         xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         n = len(xy)
@@ -695,9 +691,7 @@ class FastPatchReader:
             stream = _SOI + _ADOBE_RGB + stream[2:]
         if k == 1:
             return simplejpeg.decode_jpeg(stream, colorspace="GRAY" if self._gray else "RGB")
-        return simplejpeg.decode_jpeg(
-            stream, colorspace="GRAY" if self._gray else "RGB", min_width=ow, min_height=oh
-        )
+        return simplejpeg.decode_jpeg(stream, colorspace="GRAY" if self._gray else "RGB", min_width=ow, min_height=oh)
 
 
 def _subpixel_shift(canvas: np.ndarray, fx: float, fy: float, size: int) -> np.ndarray:

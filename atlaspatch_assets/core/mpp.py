@@ -60,9 +60,7 @@ def resolve_mpp(
     # openslide derives mpp-x from TIFF tags for generic TIFFs: label it as such.
     os_source = "tiff-resolution" if props.get("openslide.vendor") == "generic-tiff" else "openslide"
     candidates.append((os_source, _mean(_f(props.get("openslide.mpp-x")), _f(props.get("openslide.mpp-y")))))
-    candidates.append(
-        ("tiffslide", _mean(_f(props.get("tiffslide.mpp-x")), _f(props.get("tiffslide.mpp-y"))))
-    )
+    candidates.append(("tiffslide", _mean(_f(props.get("tiffslide.mpp-x")), _f(props.get("tiffslide.mpp-y")))))
     candidates.append(("aperio.MPP", _f(props.get("aperio.MPP"))))
     candidates.append(
         (
@@ -109,9 +107,7 @@ def load_mpp_csv(path: str | Path) -> dict[str, float]:
             if not name:
                 continue
             if value is None or not (MPP_MIN <= value <= MPP_MAX):
-                raise UsageError(
-                    f"--mpp-csv {path}:{i}: mpp {row.get(cols['mpp'])!r} not in {MPP_MIN}-{MPP_MAX}"
-                )
+                raise UsageError(f"--mpp-csv {path}:{i}: mpp {row.get(cols['mpp'])!r} not in {MPP_MIN}-{MPP_MAX}")
             out[stem_of(name)] = value
     return out
 

@@ -268,9 +268,7 @@ class CoordsResult:
 
 
 def coords_recipe(geometry: PatchGeometry, params: CoordsParams, mask_hash: str) -> dict[str, Any]:
-    geo = {
-        k: v for k, v in geometry.as_dict().items() if k not in ("read_level", "read_downsample", "read_size")
-    }
+    geo = {k: v for k, v in geometry.as_dict().items() if k not in ("read_level", "read_downsample", "read_size")}
     return {
         "stage": "patch_coords",
         "version": 1,

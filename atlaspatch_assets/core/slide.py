@@ -121,9 +121,7 @@ class Slide:
             out[y0:y1, x0:x1] = to_rgb(arr)
         return out
 
-    def read_thumbnail(
-        self, target_mpp: float, strip_bytes: int = 8 << 20
-    ) -> tuple[np.ndarray, float, float]:
+    def read_thumbnail(self, target_mpp: float, strip_bytes: int = 8 << 20) -> tuple[np.ndarray, float, float]:
         """Whole-slide image at ~`target_mpp` µm/px, read from the best pyramid level in strips.
 
         Returns (rgb, downsample_x, downsample_y) with downsample = level-0 px per thumbnail px.
@@ -315,11 +313,7 @@ def _make_slide(
     if not dims or dims[0][0] <= 0 or dims[0][1] <= 0:
         raise SlideOpenError("slide has no pixels")
     res: MppResolution = resolve_mpp(props, backend=backend, path=path, override=mpp_override)
-    vendor = (
-        props.get("openslide.vendor")
-        or props.get("tiffslide.vendor")
-        or ("image" if backend == "image" else None)
-    )
+    vendor = props.get("openslide.vendor") or props.get("tiffslide.vendor") or ("image" if backend == "image" else None)
     info = SlideInfo(
         path=path,
         backend=backend,

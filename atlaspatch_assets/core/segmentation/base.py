@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
 
-
 REFERENCE_AREA_PX = 1024 * 1024  # --tissue-thresh is a fraction of this many mask pixels
 
 

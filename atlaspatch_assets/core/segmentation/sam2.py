@@ -94,9 +94,7 @@ def _build(config: str, ckpt: str, device: str) -> Any:
     try:
         res = model.load_state_dict(state["model"], strict=False)
     except RuntimeError as e:  # shape mismatch, e.g. hiera-small weights with the tiny config
-        raise SegmentationError(
-            f"{mismatch}: {str(e)[:300]}); expected {expected_checkpoint_name(config)}"
-        ) from e
+        raise SegmentationError(f"{mismatch}: {str(e)[:300]}); expected {expected_checkpoint_name(config)}") from e
     if res.missing_keys or res.unexpected_keys:
         raise SegmentationError(
             f"{mismatch}: {len(res.missing_keys)} missing keys e.g. {res.missing_keys[:3]}, "

@@ -1,0 +1,159 @@
+"""`atlaspatch status` and `atlaspatch catalog-compact`: read and maintain `<output>/catalog/`.
+
+Wired into the `atlaspatch` group with `main.add_command(status_command)` and
+`main.add_command(compact_command)`.
+
+`status` exit codes: 0 no shown slide failed, 1 any shown slide failed, 2 no catalog / unknown slide.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+_STYLE = {"done": "green", "skipped": "cyan", "failed": "red", "pending": "yellow"}
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _catalog(output: str) -> Any:
+    from .core.catalog import Catalog
+
+    return Catalog(Path(output) / "catalog")
+
+
+@click.command("status", context_settings=CONTEXT)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default="./output",
+    show_default=True,
+    help="Output root (holds catalog/)",
+)
+@click.option("--slide", "slides", multiple=True, metavar="ID", help="Only this slide id (repeatable)")
+@click.option("--failed", is_flag=True, help="Only (slide, asset) pairs whose latest event failed")
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write process_list.csv (all slides)  [default: <output>/process_list.csv]",
+)
+@click.option("--no-csv", is_flag=True, help="Do not write process_list.csv")
+def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path: str | None, no_csv: bool) -> None:
+    """Latest state per slide × asset from the catalog; writes a slide2vec-style process_list.csv.
+
+    process_list.csv (columns sample_id,status,error, then extras) always lists every slide,
+    whatever --slide/--failed show.
+    """
+    from rich.table import Table
+
+    console = _console()
+    cat = _catalog(output)
+    if not cat.exists():
+        console.print(f"[red]no catalog[/red] under {cat.root} (run `atlaspatch segment-and-get-coords` first)")
+        sys.exit(2)
+    state = cat.latest_state()
+    if not no_csv:
+        csv_out = cat.write_process_list(csv_path or Path(output) / "process_list.csv", cat.process_list(state))
+    known = set(state["slide_id"].to_pylist()) | set(cat.slide_paths())
+    unknown = [s for s in slides if s not in known]
+    if unknown:
+        console.print(f"[red]unknown slide id[/red] {', '.join(unknown)} (not in {cat.root})")
+        sys.exit(2)
+
+    t = Table(title=f"catalog {cat.root}", show_lines=False)
+    for col, kw in [
+        ("slide", {"overflow": "fold"}),
+        ("asset", {}),
+        ("status", {}),
+        ("error", {"overflow": "fold", "ratio": 1}),
+        ("rows", {"justify": "right"}),
+        ("s", {"justify": "right"}),
+        ("time (UTC)", {"no_wrap": True}),
+    ]:
+        t.add_column(col, **kw)
+    rows = [
+        r
+        for r in state.to_pylist()
+        if (not slides or r["slide_id"] in slides) and (not failed or r["status"] == "failed")
+    ]
+    for r in rows:
+        style = _STYLE.get(r["status"], "")
+        err = r["error"] or ""
+        t.add_row(
+            r["slide_id"],
+            r["asset"],
+            f"[{style}]{r['status']}[/{style}]" if style else str(r["status"]),
+            err if r["status"] == "failed" else (f"[dim]{err}[/dim]" if err else ""),
+            "" if r["rows"] is None else str(r["rows"]),
+            "" if r["seconds"] is None else f"{r['seconds']:.1f}",
+            r["time"].strftime("%Y-%m-%d %H:%M:%S") if r["time"] else "",
+        )
+    console.print(t)
+
+    per_slide: dict[str, set[str]] = {}
+    for r in rows:
+        per_slide.setdefault(r["slide_id"], set()).add(r["status"])
+    n_failed = sum(1 for s in per_slide.values() if "failed" in s)
+    n_skipped = sum(1 for s in per_slide.values() if s == {"skipped"})
+    n_done = len(per_slide) - n_failed - n_skipped
+    msg = f"{len(per_slide)} slides: {n_done} done, {n_skipped} skipped, {n_failed} failed"
+    if not no_csv:
+        msg += f" → {csv_out}"
+    console.print(msg, soft_wrap=True)
+    sys.exit(1 if n_failed else 0)
+
+
+@click.command("catalog-compact", context_settings=CONTEXT)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default="./output",
+    show_default=True,
+    help="Output root (holds catalog/)",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=-1,
+    show_default=True,
+    help="Seconds to wait for another compaction (-1 = wait)",
+)
+def compact_command(output: str, timeout: float) -> None:
+    """Merge the catalog's small Parquet files (one per event) into one file per table.
+
+    Safe while pipelines write: rows appended meanwhile are kept in their own files; no row is lost.
+    """
+    console = _console()
+    cat = _catalog(output)
+    if not cat.exists():
+        console.print(f"[red]no catalog[/red] under {cat.root}")
+        sys.exit(2)
+    try:
+        results = cat.compact_all(timeout=timeout)
+    except TimeoutError as e:  # filelock.Timeout subclasses TimeoutError
+        console.print(f"[red]another compaction holds the lock[/red]: {e}")
+        sys.exit(1)
+    for name, r in results.items():
+        if r.path is None:
+            note = f"{r.files_before} file(s), nothing to merge"
+            if r.files_removed:
+                note += f"; removed {r.files_removed} leftover file(s) of an interrupted compaction"
+        else:
+            note = f"{r.files_merged} files → 1 ({r.rows} rows) {r.path.name}"
+            if r.files_removed > r.files_merged:
+                note += f"; removed {r.files_removed - r.files_merged} leftover file(s)"
+        if r.stale_temps_removed:
+            note += f"; removed {r.stale_temps_removed} stale temp file(s)"
+        console.print(f"{name}: {note}", soft_wrap=True)

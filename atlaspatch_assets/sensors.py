@@ -1,0 +1,183 @@
+"""The `new_slides` sensor: complete slides dropped into inbox folders become partitions and runs.
+
+Each tick scans the inbox folders (`core.inbox`), and for every slide whose size and mtime stayed
+unchanged for the quiet period and that opens: binds a slide id (a path keeps its id; collisions
+get a short path hash), registers it in the catalog, adds the `slides` partition and requests a
+run of the default job with run_key `<slide_id>:<content fingerprint>` — so a re-copied identical
+file is never re-run (also after a lost cursor: Dagster skips known run keys) and a changed file
+is. The cursor is the JSON inbox state; a daemon restart resumes from it. Each change of a path's
+state (waiting, still copying, broken + reason, taken, deleted, ...) is one catalog event
+(asset "inbox"). Nothing a file does can make a tick raise.
+
+Configuration (builder arguments win over the environment, read at each tick):
+  ATLASPATCH_INBOX                 inbox folders, os.pathsep-separated (sensor RUNNING by default when set)
+  ATLASPATCH_INBOX_QUIET_SECONDS   quiet period (default 60)
+  ATLASPATCH_INBOX_MAX_PER_TICK    slides opened/requested per tick (default 50)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+from dagster import (
+    DefaultSensorStatus,
+    RunRequest,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from . import __version__
+from .core.catalog import EVENTS
+from .core.inbox import InboxState, advance, bind_ids, clean_text, run_key, scan_inbox, taken_event
+from .jobs import SEGMENT_AND_COORDS
+from .partitions import slides_partitions
+from .resources import SlideSourceResource, StoreResource
+
+INBOX_ENV = "ATLASPATCH_INBOX"
+QUIET_ENV = "ATLASPATCH_INBOX_QUIET_SECONDS"
+MAX_PER_TICK_ENV = "ATLASPATCH_INBOX_MAX_PER_TICK"
+DEFAULT_QUIET_SECONDS = 60.0
+DEFAULT_MAX_PER_TICK = 50
+
+
+def inbox_dirs_from_env() -> list[str]:
+    return [d for d in os.environ.get(INBOX_ENV, "").split(os.pathsep) if d.strip()]
+
+
+def _env_number(name: str, default: float, log) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+        if value < 0:
+            raise ValueError("negative")
+        return value
+    except ValueError:
+        log.warning(f"{name}={raw!r} is not a non-negative number; using {default:g}")
+        return default
+
+
+def build_new_slides_sensor(
+    job_name: str = SEGMENT_AND_COORDS,
+    *,
+    name: str = "new_slides",
+    inbox_dirs: Sequence[str] | None = None,
+    quiet_seconds: float | None = None,
+    max_per_tick: int | None = None,
+    recursive: bool = True,
+    minimum_interval_seconds: int = 30,
+    default_status: DefaultSensorStatus | None = None,
+    clock: Callable[[], float] = time.time,
+) -> SensorDefinition:
+    """The inbox sensor for `job_name`. Unset arguments come from the environment at each tick;
+    the default status is RUNNING when inbox folders are configured, else STOPPED. `clock`
+    (seconds) is only replaced in tests."""
+    if default_status is None:
+        configured = bool(inbox_dirs) or bool(inbox_dirs_from_env())
+        default_status = DefaultSensorStatus.RUNNING if configured else DefaultSensorStatus.STOPPED
+
+    @sensor(
+        job_name=job_name,
+        name=name,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=default_status,
+        description=(
+            "Adds a `slides` partition and a run for every complete slide (size/mtime unchanged for "
+            f"the quiet period, and it opens) found in the inbox folders (${INBOX_ENV})."
+        ),
+    )
+    def _new_slides(
+        context: SensorEvaluationContext, store: StoreResource, slide_source: SlideSourceResource
+    ) -> SensorResult | SkipReason:
+        log = context.log
+        dirs = list(inbox_dirs) if inbox_dirs else inbox_dirs_from_env()
+        if not dirs:
+            return SkipReason(f"no inbox folder configured: set {INBOX_ENV} (folders separated by {os.pathsep!r})")
+        quiet = quiet_seconds
+        if quiet is None:
+            quiet = _env_number(QUIET_ENV, DEFAULT_QUIET_SECONDS, log)
+        cap = max_per_tick
+        if cap is None:
+            cap = int(_env_number(MAX_PER_TICK_ENV, DEFAULT_MAX_PER_TICK, log))
+
+        try:
+            state = InboxState.loads(context.cursor)
+        except ValueError as e:  # start over; run keys keep already-launched slides from re-running
+            log.warning(f"{e}; starting from an empty inbox state")
+            state = InboxState()
+        try:
+            scan = scan_inbox(dirs, recursive=recursive)
+            state, ready, events = advance(state, scan, clock(), quiet, cap)
+        except Exception as e:  # a bug or an unexpected OS failure: keep the cursor, try next tick
+            log.exception(f"inbox scan failed: {type(e).__name__}: {e}")
+            return SkipReason(clean_text(f"inbox scan failed: {type(e).__name__}: {e}"))
+
+        run_requests: list[RunRequest] = []
+        if ready:
+            try:
+                ids = bind_ids(state, ready, taken=slide_source.catalog.slide_paths())
+            except Exception as e:  # catalog unreadable: these stay pending, retried next tick
+                log.error(
+                    clean_text(
+                        f"cannot read the slide catalog ({type(e).__name__}: {e}); "
+                        f"{len(ready)} ready slide(s) wait for the next tick"
+                    )
+                )
+                for c in ready:
+                    state.entries[c.key].status = "pending"
+                    state.entries[c.key].fp = None
+                ids = {}
+            for slide_id, c in ids.items():
+                key = run_key(slide_id, c.fingerprint or "")
+                try:
+                    slide_source.register(slide_id, c.path)
+                except Exception as e:  # e.g. vanished just now or catalog not writable: retry next tick
+                    log.error(clean_text(f"{slide_id}: cannot register {c.path}: {type(e).__name__}: {e}"))
+                    entry = state.entries[c.key]
+                    entry.status, entry.fp = "pending", None
+                    continue
+                run_requests.append(
+                    RunRequest(
+                        run_key=key,
+                        partition_key=slide_id,
+                        job_name=job_name,
+                        tags={"atlaspatch/source": "inbox", "atlaspatch/fingerprint": c.fingerprint or ""},
+                    )
+                )
+                events.append(taken_event(state, c, key))
+
+        for ev in events:  # one per change of a path's state, never one per tick
+            p = ev["parameters"]
+            msg = clean_text(
+                f"inbox {p['event']} ({ev['status']}): {p['path']}"
+                + (f": {ev['error']}" if ev["error"] else f" -> {ev['slide_id']}" if ev["slide_id"] else "")
+            )
+            (log.warning if ev["status"] == "failed" else log.info)(msg)
+        if events:
+            try:
+                store.catalog.append(EVENTS, [{**ev, "versions": {"atlaspatch": __version__}} for ev in events])
+            except Exception as e:  # provenance is best effort: never lose the tick for it
+                log.warning(
+                    clean_text(f"cannot write {len(events)} inbox event(s) to the catalog: {type(e).__name__}: {e}")
+                )
+
+        counts = state.counts()
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
+        keys = [r.partition_key for r in run_requests if r.partition_key]
+        return SensorResult(
+            run_requests=run_requests,
+            dynamic_partitions_requests=[slides_partitions.build_add_request(keys)] if keys else [],
+            cursor=state.dumps(),
+            skip_reason=None if run_requests else f"no new complete slide (inbox: {summary})",
+        )
+
+    return _new_slides
+
+
+new_slides = build_new_slides_sensor()

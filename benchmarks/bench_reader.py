@@ -177,9 +177,7 @@ def main() -> None:
     ref = np.stack([reference_patch(slide, g, int(x), int(y)) for x, y in sub])
     d_ref = np.abs(exact.astype(np.int16) - ref)
     d_dct = np.abs(scaled.astype(np.int16) - exact)
-    print(
-        f"ours exact vs OpenSlide reference ({len(sub)} patches): max {d_ref.max()}, mean {d_ref.mean():.4f}"
-    )
+    print(f"ours exact vs OpenSlide reference ({len(sub)} patches): max {d_ref.max()}, mean {d_ref.mean():.4f}")
     print(
         f"scaled decode vs area resize ({len(sub)} patches): max {d_dct.max()}, mean {d_dct.mean():.4f}, "
         f"p99 {np.percentile(d_dct, 99):.0f}"

@@ -102,11 +102,7 @@ def run_one(path: str, profile_out: str | None = None, tissue_thresh: float | No
 
     import_s = time.perf_counter() - t_imp
     fingerprint = source_fingerprint(
-        [
-            m
-            for name, m in sys.modules.items()
-            if name.startswith("atlaspatch_assets") and getattr(m, "__file__", None)
-        ]
+        [m for name, m in sys.modules.items() if name.startswith("atlaspatch_assets") and getattr(m, "__file__", None)]
     )
     gc.collect()
     baseline = _current_rss_bytes()
@@ -118,9 +114,7 @@ def run_one(path: str, profile_out: str | None = None, tissue_thresh: float | No
 
         prof = cProfile.Profile()
 
-    seg_params = (
-        SegmentationParams() if tissue_thresh is None else SegmentationParams(tissue_thresh=tissue_thresh)
-    )
+    seg_params = SegmentationParams() if tissue_thresh is None else SegmentationParams(tissue_thresh=tissue_thresh)
     coords_params = CoordsParams()
     peaks: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bench_segcoords_") as tmpdir:
@@ -227,9 +221,7 @@ def ensure_slide(tool: Path, data_dir: Path, w: int, h: int) -> dict[str, Any]:
     return {"path": str(path), "built_now": True, "seconds": secs, "bytes": path.stat().st_size}
 
 
-def run_child(
-    path: Path, profile_out: Path | None = None, tissue_thresh: float | None = None
-) -> dict[str, Any]:
+def run_child(path: Path, profile_out: Path | None = None, tissue_thresh: float | None = None) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(path)]
     if tissue_thresh is not None:
         cmd += ["--tissue-thresh", repr(tissue_thresh)]
@@ -290,9 +282,7 @@ def fmt_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
 
     def fmt(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)])
 
@@ -376,9 +366,7 @@ def report(summaries: list[dict[str, Any]], repeats: int) -> tuple[str, bool]:
     prints = sorted({f for s in summaries for f in s["fingerprints"]})
     out.append(f"  library sources (sha256 of imported atlaspatch_assets modules): {', '.join(prints)}")
     if len(prints) > 1:
-        out.append(
-            "  WARNING: the library sources changed between runs (concurrent edits): medians mix versions"
-        )
+        out.append("  WARNING: the library sources changed between runs (concurrent edits): medians mix versions")
     for s in summaries:
         if s["num_patches"] == 0:
             out.append(
@@ -398,9 +386,7 @@ def report(summaries: list[dict[str, Any]], repeats: int) -> tuple[str, bool]:
         return "PASS" if ok else "MISS"
 
     out.append(f"goals (largest slide {big['width']}x{big['height']}):")
-    out.append(
-        f"  [{mark(ok_time)}] segmentation + coordinates <= {GOAL_SECONDS:g} s: {big['seg_coords_s']:.3f} s"
-    )
+    out.append(f"  [{mark(ok_time)}] segmentation + coordinates <= {GOAL_SECONDS:g} s: {big['seg_coords_s']:.3f} s")
     out.append(f"  [{mark(ok_peak)}] peak RSS <= {GOAL_PEAK_MB:g} MB: {big['peak_rss'] / MB:.0f} MB")
     if len(summaries) > 1:
         out.append(

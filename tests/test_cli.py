@@ -116,9 +116,7 @@ def test_skip_existing_then_force(tmp_path: Path) -> None:
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, extra: list[str]) -> None:
-    code, text = _invoke(
-        "segment-and-get-coords", str(CMU), "--patch-size", "256", "-o", str(tmp_path), *extra
-    )
+    code, text = _invoke("segment-and-get-coords", str(CMU), "--patch-size", "256", "-o", str(tmp_path), *extra)
     assert code == 2, text
     assert not (tmp_path / RUN).exists()
 
@@ -174,9 +172,7 @@ def test_mpp_csv_makes_plain_image_work(tmp_path: Path) -> None:
 
 
 def test_detect_tissue_writes_mask_only(tmp_path: Path) -> None:
-    code, text = _invoke(
-        "detect-tissue", str(CMU), "--patch-size", "256", "--target-mag", "20", "-o", str(tmp_path)
-    )
+    code, text = _invoke("detect-tissue", str(CMU), "--patch-size", "256", "--target-mag", "20", "-o", str(tmp_path))
     assert code == 0, text
     with h5py.File(tmp_path / RUN / "patches" / "CMU-1-Small-Region.h5") as f:
         assert "tissue/mask" in f and "coords" not in f

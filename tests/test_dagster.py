@@ -52,9 +52,7 @@ def test_runs_isolate_broken_slides(tmp_path: Path, batched: bool) -> None:
     source = SlideSourceResource(output_dir=str(out))
     defs = build_definitions(store=store, slide_source=source)
     instance = DagsterInstance.ephemeral()
-    slides, _ = discover(
-        [SHARED / "slides" / "real" / "CMU-1-Small-Region.svs", SHARED / "slides" / "broken"]
-    )
+    slides, _ = discover([SHARED / "slides" / "real" / "CMU-1-Small-Region.svs", SHARED / "slides" / "broken"])
     ids = assign_ids(slides)
     for key, sf in ids.items():
         source.register(key, sf.path)
@@ -81,9 +79,7 @@ def test_runs_isolate_broken_slides(tmp_path: Path, batched: bool) -> None:
         assert checks == {"has_tissue": False, "has_patches": False}
     else:
         for key in keys:
-            res = job.execute_in_process(
-                instance=instance, run_config=cfg, raise_on_error=False, partition_key=key
-            )
+            res = job.execute_in_process(instance=instance, run_config=cfg, raise_on_error=False, partition_key=key)
             assert res.success == (key == "CMU-1-Small-Region")
     layout = store.layout
     assert layout.store("CMU-1-Small-Region").attrs()["num_patches"] > 0

@@ -52,9 +52,7 @@ def grid_with_edges(width: int, height: int, ps0: int, n: int = 6) -> np.ndarray
     return np.array(xy, np.int64)
 
 
-def compare(
-    path: Path, mpp: float | None, mag: float, patch: int, **kw: object
-) -> tuple[FastPatchReader, dict]:
+def compare(path: Path, mpp: float | None, mag: float, patch: int, **kw: object) -> tuple[FastPatchReader, dict]:
     """Read a grid with FastPatchReader and with the reference; return the reader and diff stats."""
     slide = open_slide(path, mpp_override=mpp)
     g = compute_geometry(slide.info, patch, target_mag=mag)
@@ -81,9 +79,7 @@ REAL_CASES = [
 
 
 @pytest.mark.parametrize("path,mpp,mags,patch,expected", REAL_CASES, ids=[c[0].name for c in REAL_CASES])
-def test_real_slides_match_reference(
-    path: Path, mpp: float | None, mags: tuple, patch: int, expected: str
-) -> None:
+def test_real_slides_match_reference(path: Path, mpp: float | None, mags: tuple, patch: int, expected: str) -> None:
     levels = set()
     for mag in mags:
         r, st = compare(path, mpp, mag, patch)
@@ -157,9 +153,7 @@ def test_threads_one_and_no_prefetch_same_output() -> None:
 def write_aperio_j2k(path: Path, rgb: np.ndarray, compression: int | str) -> Path:
     """SVS-like tiled TIFF with JPEG 2000 tiles and an Aperio description (MPP 0.5, 20x)."""
     h, w = rgb.shape[:2]
-    desc = (
-        f"Aperio Image Library v12.0.0\r\n{w}x{h} [0,0 {w}x{h}] (256x256) J2K/KDU Q=70|AppMag = 20|MPP = 0.5"
-    )
+    desc = f"Aperio Image Library v12.0.0\r\n{w}x{h} [0,0 {w}x{h}] (256x256) J2K/KDU Q=70|AppMag = 20|MPP = 0.5"
     data, args = rgb, {"level": 80}
     if compression == 33003:  # Aperio's YCbCr flavour: the codestream holds YCbCr, no colour transform
         data = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)[..., [0, 2, 1]].copy()

@@ -249,14 +249,9 @@ def test_stored_grid_equals_independent_reference(which: str, request: pytest.Fi
     # The mask is a thumbnail at ~8 µm/px covering the whole slide.
     assert set(np.unique(mask)) <= {0, 1}
     assert dx * mpp == pytest.approx(8.0, rel=0.03) and dy * mpp == pytest.approx(8.0, rel=0.03)
-    assert (
-        abs(mask.shape[1] * dx - width) < 1e-6 * width + 1
-        and abs(mask.shape[0] * dy - height) < 1e-6 * height + 1
-    )
+    assert abs(mask.shape[1] * dx - width) < 1e-6 * width + 1 and abs(mask.shape[0] * dy - height) < 1e-6 * height + 1
 
-    ref_coords, ref_frac = _reference_grid(
-        mask, dx, dy, width, height, ps0, ps0, run.params.min_tissue_fraction
-    )
+    ref_coords, ref_frac = _reference_grid(mask, dx, dy, width, height, ps0, ps0, run.params.min_tissue_fraction)
     assert len(ref_coords) > 0
     assert coords.dtype == np.int32 and coords.shape == (len(ref_coords), 2)
     assert [tuple(map(int, c)) for c in coords] == ref_coords
@@ -339,9 +334,7 @@ def _clam_read(path: Path, h5: Path, picks: int = 6) -> tuple[np.ndarray, list[n
 
 
 @pytest.mark.parametrize(("which", "expected_level"), [("cmu", 0), ("ndpi", 1)])
-def test_clam_style_reread_equals_read_patch(
-    which: str, expected_level: int, request: pytest.FixtureRequest
-) -> None:
+def test_clam_style_reread_equals_read_patch(which: str, expected_level: int, request: pytest.FixtureRequest) -> None:
     run: Run = request.getfixturevalue(f"{which}_run")
     coords, patches, level, size, target = _clam_read(run.path, run.h5)
     assert level == expected_level

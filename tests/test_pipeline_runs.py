@@ -99,9 +99,7 @@ def _assert_failure(o: SlideOutcome) -> None:
 
 def test_discovery_and_distinct_ids(runs: Runs) -> None:
     names = sorted(Path(s.path).relative_to(runs.inputs).as_posix() for s in runs.slides)
-    assert names == sorted(
-        ["a/CMU.svs", "b/CMU.svs", "empty.svs", "notes.svs", "trunc.svs", "blank.svs", PNG.name]
-    )
+    assert names == sorted(["a/CMU.svs", "b/CMU.svs", "empty.svs", "notes.svs", "trunc.svs", "blank.svs", PNG.name])
     assert set(runs.first) == set(names)
     ids = [o.slide_id for o in runs.first.values()]
     assert len(set(ids)) == len(ids)

@@ -28,11 +28,7 @@ def _visible(folder: Path) -> set[str]:
 
 
 def _hidden_temps(store: SlideStore) -> list[Path]:
-    return [
-        p
-        for p in store.path.parent.iterdir()
-        if p.name.startswith(f".{store.path.name}") and p != store.lock_path
-    ]
+    return [p for p in store.path.parent.iterdir() if p.name.startswith(f".{store.path.name}") and p != store.lock_path]
 
 
 def _seed(path: Path) -> tuple[SlideStore, np.ndarray, np.ndarray]:
@@ -42,9 +38,7 @@ def _seed(path: Path) -> tuple[SlideStore, np.ndarray, np.ndarray]:
     store.write(
         {
             "coords": DatasetWrite(coords, {"patch_size": 256, "patch_level": 0, "name": "s1"}),
-            "tissue/mask": DatasetWrite(
-                mask, {"downsample": [16.0, 16.0], "method": "otsu"}, compression="gzip"
-            ),
+            "tissue/mask": DatasetWrite(mask, {"downsample": [16.0, 16.0], "method": "otsu"}, compression="gzip"),
         },
         {"slide_id": "s1", "num_patches": 100, "recipe_hash": "abc"},
     )

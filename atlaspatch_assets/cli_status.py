@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 _STYLE = {"done": "green", "skipped": "cyan", "failed": "red", "pending": "yellow"}
@@ -60,7 +61,9 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
     console = _console()
     cat = _catalog(output)
     if not cat.exists():
-        console.print(f"[red]no catalog[/red] under {cat.root} (run `atlaspatch segment-and-get-coords` first)")
+        console.print(
+            f"[red]no catalog[/red] under {escape(str(cat.root))} (run `atlaspatch segment-and-get-coords` first)"
+        )
         sys.exit(2)
     state = cat.latest_state()
     if not no_csv:
@@ -68,15 +71,15 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
     known = set(state["slide_id"].to_pylist()) | set(cat.slide_paths())
     unknown = [s for s in slides if s not in known]
     if unknown:
-        console.print(f"[red]unknown slide id[/red] {', '.join(unknown)} (not in {cat.root})")
+        console.print(f"[red]unknown slide id[/red] {escape(', '.join(unknown))} (not in {escape(str(cat.root))})")
         sys.exit(2)
 
-    t = Table(title=f"catalog {cat.root}", show_lines=False)
+    t = Table(title=f"catalog {escape(str(cat.root))}", show_lines=False)
     for col, kw in [
         ("slide", {"overflow": "fold"}),
         ("asset", {}),
         ("status", {}),
-        ("error", {"overflow": "fold", "ratio": 1}),
+        ("error", {"overflow": "fold"}),
         ("rows", {"justify": "right"}),
         ("s", {"justify": "right"}),
         ("time (UTC)", {"no_wrap": True}),
@@ -89,11 +92,11 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
     ]
     for r in rows:
         style = _STYLE.get(r["status"], "")
-        err = r["error"] or ""
+        err = escape(r["error"] or "")  # errors contain "[stage]": not rich markup
         t.add_row(
-            r["slide_id"],
-            r["asset"],
-            f"[{style}]{r['status']}[/{style}]" if style else str(r["status"]),
+            escape(r["slide_id"] or ""),
+            escape(r["asset"] or ""),
+            f"[{style}]{r['status']}[/{style}]" if style else escape(str(r["status"])),
             err if r["status"] == "failed" else (f"[dim]{err}[/dim]" if err else ""),
             "" if r["rows"] is None else str(r["rows"]),
             "" if r["seconds"] is None else f"{r['seconds']:.1f}",
@@ -109,7 +112,7 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
     n_done = len(per_slide) - n_failed - n_skipped
     msg = f"{len(per_slide)} slides: {n_done} done, {n_skipped} skipped, {n_failed} failed"
     if not no_csv:
-        msg += f" → {csv_out}"
+        msg += f" → {escape(str(csv_out))}"
     console.print(msg, soft_wrap=True)
     sys.exit(1 if n_failed else 0)
 
@@ -138,12 +141,12 @@ def compact_command(output: str, timeout: float) -> None:
     console = _console()
     cat = _catalog(output)
     if not cat.exists():
-        console.print(f"[red]no catalog[/red] under {cat.root}")
+        console.print(f"[red]no catalog[/red] under {escape(str(cat.root))}")
         sys.exit(2)
     try:
         results = cat.compact_all(timeout=timeout)
     except TimeoutError as e:  # filelock.Timeout subclasses TimeoutError
-        console.print(f"[red]another compaction holds the lock[/red]: {e}")
+        console.print(f"[red]another compaction holds the lock[/red]: {escape(str(e))}")
         sys.exit(1)
     for name, r in results.items():
         if r.path is None:
@@ -156,4 +159,4 @@ def compact_command(output: str, timeout: float) -> None:
                 note += f"; removed {r.files_removed - r.files_merged} leftover file(s)"
         if r.stale_temps_removed:
             note += f"; removed {r.stale_temps_removed} stale temp file(s)"
-        console.print(f"{name}: {note}", soft_wrap=True)
+        console.print(f"{name}: {escape(note)}", soft_wrap=True)

@@ -165,6 +165,9 @@ def scan_inbox(dirs: Iterable[str | Path], recursive: bool = True) -> Scan:
                 if ext not in SUPPORTED_EXTENSIONS:
                     continue
                 full = os.path.join(dirpath, fn)
+                if not _utf8(full):
+                    scan.problems.append((full, "path is not valid UTF-8 (the catalog stores UTF-8); rename it"))
+                    continue
                 try:
                     st = os.stat(full)
                 except OSError as e:  # dangling symlink, symlink loop, vanished, no permission
@@ -184,6 +187,14 @@ def scan_inbox(dirs: Iterable[str | Path], recursive: bool = True) -> Scan:
             if dicoms:  # a DICOM series: one slide named after its folder (as discovery does)
                 _add(scan, seen_keys, dirpath, dicoms[0], os.path.basename(dirpath), dicoms)
     return scan
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in a name (os uses surrogateescape)
+        return False
+    return True
 
 
 def _add(scan: Scan, seen: set[str], key: str, path: str, name: str, members: list[str]) -> None:

@@ -12,8 +12,9 @@ from dagster import AssetKey, AssetSelection, Definitions, define_asset_job
 from .assets import patch_coords, tissue_mask
 from .checks import has_patches, has_tissue
 from .io_managers import SlideStoreIOManager
-from .jobs import PROCESS, segment_and_coords_job
+from .jobs import NEW_SLIDES_JOB, PROCESS, SEGMENT_AND_COORDS, segment_and_coords_job
 from .resources import ComputeResource, SlideSourceResource, StoreResource
+from .sensors import build_new_slides_sensor
 
 
 def features_available() -> bool:
@@ -45,6 +46,7 @@ def build_definitions(
         "compute": compute or ComputeResource(),
         "slide_store_io": SlideStoreIOManager(store=store),
     }
+    names: list[str] = []
     if features_available():
         from .features_assets import EncodersResource, build_features_assets, encoder_key
 
@@ -62,7 +64,37 @@ def build_definitions(
                 description="Mask, coordinates and patch features (select the encoders you need).",
             )
         )
-    return Definitions(assets=assets, asset_checks=checks, jobs=jobs, resources=resources)
+    sensor_job = SEGMENT_AND_COORDS
+    sensor_encoders = [n for n in sensor_default_encoders() if features_available()]
+    if sensor_encoders:
+        from .features_assets import encoder_key
+
+        missing = set(sensor_encoders) - set(names if features_available() else [])
+        if missing:
+            raise ValueError(f"ATLASPATCH_SENSOR_ENCODERS names encoders without an asset: {sorted(missing)}")
+        sensor_job = NEW_SLIDES_JOB
+        jobs.append(
+            define_asset_job(
+                NEW_SLIDES_JOB,
+                selection=AssetSelection.assets("tissue_mask", "patch_coords")
+                | AssetSelection.assets(*[encoder_key(n) for n in sensor_encoders]),
+                description="What the new_slides sensor runs: mask, coordinates, default encoders.",
+            )
+        )
+    return Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs,
+        resources=resources,
+        sensors=[build_new_slides_sensor(job_name=sensor_job)],
+    )
+
+
+def sensor_default_encoders() -> list[str]:
+    """Encoders the new_slides sensor computes for each new slide (ATLASPATCH_SENSOR_ENCODERS)."""
+    from .features_assets import parse_list
+
+    return parse_list(os.environ.get("ATLASPATCH_SENSOR_ENCODERS"))
 
 
 def asset_keys(names: Sequence[str]) -> list[AssetKey]:

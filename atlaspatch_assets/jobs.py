@@ -3,6 +3,7 @@
 from dagster import AssetSelection, define_asset_job
 
 SEGMENT_AND_COORDS = "segment_and_get_coords"
+NEW_SLIDES_JOB = "new_slides_job"  # mask → coords → $ATLASPATCH_SENSOR_ENCODERS
 PROCESS = "process"  # mask → coords → features/<encoders> (defined with the encoder assets)
 
 segment_and_coords_job = define_asset_job(

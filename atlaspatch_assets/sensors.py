@@ -158,7 +158,12 @@ def build_new_slides_sensor(
                 f"inbox {p['event']} ({ev['status']}): {p['path']}"
                 + (f": {ev['error']}" if ev["error"] else f" -> {ev['slide_id']}" if ev["slide_id"] else "")
             )
-            (log.warning if ev["status"] == "failed" else log.info)(msg)
+            if ev["status"] == "failed":
+                log.warning(msg)
+            elif p["event"] == "waiting":  # can be thousands on a first scan
+                log.debug(msg)
+            else:
+                log.info(msg)
         if events:
             try:
                 store.catalog.append(EVENTS, [{**ev, "versions": {"atlaspatch": __version__}} for ev in events])

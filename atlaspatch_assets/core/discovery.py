@@ -68,13 +68,13 @@ def discover(inputs: Iterable[str | Path], recursive: bool = False) -> tuple[lis
             if ext == ".dcm":
                 dicom_dirs.setdefault(f.parent, []).append(f)
                 continue
-            rp = str(f.resolve())
+            rp = os.path.realpath(f)
             if rp not in seen:
                 seen.add(rp)
                 found.append(SlideFile(str(f), f.stem))
         for d, dcms in dicom_dirs.items():
             first = sorted(dcms)[0]
-            rp = str(d.resolve())
+            rp = os.path.realpath(d)
             if rp not in seen:
                 seen.add(rp)
                 found.append(SlideFile(str(first), d.name if len(dcms) > 1 or p.is_dir() else first.stem))

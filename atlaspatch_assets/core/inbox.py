@@ -20,6 +20,7 @@ dangling symlinks and symlink loops become `ignored` entries with a reason.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -84,7 +85,7 @@ class Candidate:
 class Scan:
     candidates: list[Candidate] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
-    unavailable: list[str] = field(default_factory=list)  # folders that could not be listed
+    unavailable: list[str] = field(default_factory=list)  # not judged this tick (unlisted, busy)
     roots: list[str] = field(default_factory=list)  # the inbox folders scanned (absolute)
 
 
@@ -170,8 +171,11 @@ def scan_inbox(dirs: Iterable[str | Path], recursive: bool = True) -> Scan:
                     continue
                 try:
                     st = os.stat(full)
-                except OSError as e:  # dangling symlink, symlink loop, vanished, no permission
-                    scan.problems.append((full, f"cannot stat: {e.strerror or e}"))
+                except OSError as e:  # dangling symlink, symlink loop, no permission, vanished
+                    if e.errno == errno.ENOENT and not os.path.islink(full):
+                        scan.unavailable.append(full)  # removed while scanning: judged next tick
+                    else:
+                        scan.problems.append((full, f"cannot stat: {e.strerror or e}"))
                     continue
                 if not os.path.isfile(full):
                     continue
@@ -202,8 +206,8 @@ def _add(scan: Scan, seen: set[str], key: str, path: str, name: str, members: li
         return
     try:
         size, mtime, sig = _stat_members(members)
-    except OSError as e:  # a member vanished between listing and stat: next tick sees it again
-        scan.problems.append((key, f"file changed while scanning: {e.strerror or e}"))
+    except OSError:  # a member changed between listing and stat: not judged this tick
+        scan.unavailable.append(key)
         return
     seen.add(key)
     scan.candidates.append(Candidate(key, path, name, tuple(members), size, mtime, sig))

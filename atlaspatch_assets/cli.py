@@ -390,5 +390,14 @@ def demo(output: str) -> None:
     sys.exit(run_demo(output))
 
 
+def _register_subcommands() -> None:
+    from .cli_status import compact_command, status_command
+
+    main.add_command(status_command)
+    main.add_command(compact_command)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()

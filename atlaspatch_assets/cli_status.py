@@ -9,6 +9,7 @@ Wired into the `atlaspatch` group with `main.add_command(status_command)` and
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
     """
     from rich.table import Table
 
+    from .core.catalog import slide_status
+
     console = _console()
     cat = _catalog(output)
     if not cat.exists():
@@ -65,10 +68,11 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
             f"[red]no catalog[/red] under {escape(str(cat.root))} (run `atlaspatch segment-and-get-coords` first)"
         )
         sys.exit(2)
-    state = cat.latest_state()
+    state, paths = cat.latest_state(), cat.slide_paths()
     if not no_csv:
-        csv_out = cat.write_process_list(csv_path or Path(output) / "process_list.csv", cat.process_list(state))
-    known = set(state["slide_id"].to_pylist()) | set(cat.slide_paths())
+        plist = cat.process_list(state, paths)
+        csv_out = cat.write_process_list(csv_path or Path(output) / "process_list.csv", plist)
+    known = set(state["slide_id"].to_pylist()) | set(paths)
     unknown = [s for s in slides if s not in known]
     if unknown:
         console.print(f"[red]unknown slide id[/red] {escape(', '.join(unknown))} (not in {escape(str(cat.root))})")
@@ -103,14 +107,20 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
             r["time"].strftime("%Y-%m-%d %H:%M:%S") if r["time"] else "",
         )
     console.print(t)
+    for r in rows:  # full reasons, one line each (never folded), easy to grep
+        if r["status"] == "failed":
+            line = f"{r['slide_id']} {r['asset']}: {r['error'] or 'no message'}"
+            console.print(f"[red]FAILED[/red] {escape(line)}", soft_wrap=True)
 
-    per_slide: dict[str, set[str]] = {}
-    for r in rows:
-        per_slide.setdefault(r["slide_id"], set()).add(r["status"])
-    n_failed = sum(1 for s in per_slide.values() if "failed" in s)
-    n_skipped = sum(1 for s in per_slide.values() if s == {"skipped"})
-    n_done = len(per_slide) - n_failed - n_skipped
-    msg = f"{len(per_slide)} slides: {n_done} done, {n_skipped} skipped, {n_failed} failed"
+    full: dict[str, list[dict[str, Any]]] = {}
+    for r in state.to_pylist():
+        full.setdefault(r["slide_id"], []).append(r)
+    shown_ids = {r["slide_id"] for r in rows}  # a shown slide's status uses all its assets
+    counts = Counter(slide_status(full[s]) for s in shown_ids)
+    n_failed = counts["failed"]
+    msg = f"{len(shown_ids)} slides: " + ", ".join(
+        f"{counts[s]} {s}" for s in ("done", "skipped", "failed", "pending") if counts[s] or s != "pending"
+    )
     if not no_csv:
         msg += f" → {escape(str(csv_out))}"
     console.print(msg, soft_wrap=True)

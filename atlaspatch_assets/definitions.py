@@ -10,6 +10,7 @@ from typing import Any
 from dagster import AssetKey, AssetSelection, Definitions, define_asset_job
 
 from .assets import patch_coords, tissue_mask
+from .catalog_asset import catalog
 from .checks import has_patches, has_tissue
 from .io_managers import SlideStoreIOManager
 from .jobs import NEW_SLIDES_JOB, PROCESS, SEGMENT_AND_COORDS, segment_and_coords_job
@@ -37,7 +38,7 @@ def build_definitions(
 ) -> Definitions:
     """All assets, checks, jobs and resources; `encoders` = the `features/<name>` assets to define."""
     store = store or StoreResource()
-    assets: list[Any] = [tissue_mask, patch_coords]
+    assets: list[Any] = [tissue_mask, patch_coords, catalog]
     checks: list[Any] = [has_tissue, has_patches]
     jobs: list[Any] = [segment_and_coords_job]
     resources: dict[str, Any] = {

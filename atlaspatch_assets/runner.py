@@ -142,6 +142,7 @@ def run_slides(
         outcomes.append(outcome)
         if on_progress:
             on_progress(outcome)
+    store.catalog.maybe_compact()  # keeps catalog reads fast after many small appends
     return outcomes
 
 

@@ -39,6 +39,7 @@ file, so run `atlaspatch catalog-compact` once after upgrading (or `union_by_nam
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -60,7 +61,8 @@ EVENTS = "events"
 TABLES = (SLIDES, EVENTS)
 STATUSES = ("done", "failed", "skipped")
 # Display order of the known assets; others follow alphabetically.
-ASSET_ORDER = ("tissue_mask", "patch_coords")
+ASSET_ORDER = ("inbox", "tissue_mask", "patch_coords")
+INTAKE_ASSETS = frozenset({"inbox"})  # the new-slides sensor: not a processing stage
 
 LOCK_NAME = ".compact.lock"
 COMPACT_MARK = "-compact-"
@@ -308,9 +310,11 @@ class Catalog:
         """The latest event per (slide_id, asset) by `time` (ties: the later-written row).
 
         Sorted by slide_id, then asset (pipeline order). `failed_only` keeps rows whose latest
-        status is `failed` (an asset that failed and later succeeded is not failed).
+        status is `failed` (an asset that failed and later succeeded is not failed). Events
+        without a slide_id (inbox files not yet bound to a slide) are left out.
         """
         t = self.read(EVENTS)
+        t = t.filter(pc.is_valid(t["slide_id"]))  # e.g. inbox events of files not bound to a slide yet
         if slide is not None:
             ids = [slide] if isinstance(slide, str) else list(slide)
             t = t.filter(pc.is_in(t["slide_id"], value_set=pa.array(ids, pa.string())))
@@ -332,16 +336,17 @@ class Catalog:
 
     # -- process_list.csv --------------------------------------------------------------------
 
-    def process_list(self, state: pa.Table | None = None) -> list[dict[str, Any]]:
+    def process_list(
+        self, state: pa.Table | None = None, paths: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
         """One row per slide (registered or with events), slide2vec-style.
 
-        `status`: failed if any asset's latest event failed, skipped if all were skipped
-        (reused), done otherwise; `pending` for a registered slide without any event.
-        `error`: the failed assets' errors. Extra columns: path, num_patches, updated, run_id,
-        and `status_<asset>` per asset.
+        `status`: see `slide_status` (failed | done | skipped, or pending for a registered
+        slide that no stage has processed yet). `error`: the failed assets' errors. Extra
+        columns: path, num_patches, updated, run_id, and `status_<asset>` per asset.
         """
         state = self.latest_state() if state is None else state
-        paths = self.slide_paths()
+        paths = self.slide_paths() if paths is None else paths
         assets = sorted(set(state["asset"].to_pylist()) - {None}, key=_asset_rank)
         per_slide: dict[str, list[dict[str, Any]]] = {}
         for r in state.to_pylist():
@@ -349,15 +354,7 @@ class Catalog:
         out = []
         for sid in sorted(set(paths) | set(per_slide)):
             rows = per_slide.get(sid, [])
-            statuses = [r["status"] for r in rows]
-            if not rows:
-                status = "pending"
-            elif "failed" in statuses:
-                status = "failed"
-            elif all(s == "skipped" for s in statuses):
-                status = "skipped"
-            else:
-                status = "done"
+            status = slide_status(rows)
             errors = [f"{r['asset']}: {r['error'] or 'failed (no message)'}" for r in rows if r["status"] == "failed"]
             coords = next((r for r in rows if r["asset"] == "patch_coords" and r["status"] != "failed"), None)
             newest = max(rows, key=lambda r: r["time"]) if rows else None
@@ -457,9 +454,41 @@ class Catalog:
     def compact_all(self, timeout: float = -1) -> dict[str, CompactionResult]:
         return {t: self.compact(t, timeout=timeout) for t in TABLES}
 
+    def maybe_compact(self, min_files: int = 500) -> dict[str, CompactionResult]:
+        """Compact the tables holding at least `min_files` files, unless a compaction is running.
+
+        Cheap when there is nothing to do (one directory listing per table); never waits for the
+        lock (filelock.Timeout is an OSError) and never raises an OSError (busy, read-only or full
+        catalog: logged, nothing lost). Meant for the end of a run.
+        """
+        out: dict[str, CompactionResult] = {}
+        for t in TABLES:
+            if len(self.files(t)) >= min_files:
+                try:
+                    out[t] = self.compact(t, timeout=0)
+                except OSError as e:
+                    logging.getLogger("atlaspatch").info(f"catalog compaction of {t} skipped: {e}")
+        return out
+
     @staticmethod
     def _unlink(path: Path) -> None:  # a seam for tests simulating a crash
         path.unlink(missing_ok=True)
+
+
+def slide_status(latest: Sequence[Mapping[str, Any]]) -> str:
+    """One slide's status from its latest event per asset (rows of `latest_state`).
+
+    failed if any asset's latest event failed; else skipped if every processing stage was
+    skipped (reused); else done. Intake events (the inbox sensor's asset "inbox") do not make a
+    slide done: with no processing stage yet it is `pending`.
+    """
+    statuses = [r["status"] for r in latest]
+    if "failed" in statuses:
+        return "failed"
+    stages = [r["status"] for r in latest if r["asset"] not in INTAKE_ASSETS]
+    if not stages:
+        return "pending"
+    return "skipped" if all(s == "skipped" for s in stages) else "done"
 
 
 def _asset_rank(asset: str | None) -> str:

@@ -9,7 +9,9 @@ recorded in the catalog and flagged by the partitioned asset checks, and the oth
 
 import base64
 import json
+import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -48,7 +50,29 @@ from .core.tiling import DEFAULT_MIN_TISSUE_FRACTION
 from .partitions import slides_partitions
 from .resources import ComputeResource, SlideSourceResource, StoreResource
 
-BATCH_SIZE = 25  # slides per run in backfills: amortizes process start and imports
+BACKFILL_BATCH_ENV = "ATLASPATCH_BACKFILL_BATCH"
+DEFAULT_BATCH_SIZE = 25
+
+
+def backfill_batch_size() -> int:
+    """Slides per backfill run: $ATLASPATCH_BACKFILL_BATCH (an integer >= 1), default 25.
+
+    Read when the code location loads (set it for the webserver/daemon/run processes alike).
+    """
+    raw = os.environ.get(BACKFILL_BATCH_ENV, "").strip()
+    if not raw:
+        return DEFAULT_BATCH_SIZE
+    try:
+        value = int(raw)
+        if value < 1:
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"{BACKFILL_BATCH_ENV}={raw!r} is not an integer >= 1; using {DEFAULT_BATCH_SIZE}", stacklevel=2)
+        return DEFAULT_BATCH_SIZE
+    return value
+
+
+BATCH_SIZE = backfill_batch_size()  # slides per run in backfills: amortizes process start and imports
 backfill_policy = BackfillPolicy.multi_run(max_partitions_per_run=BATCH_SIZE)
 # Transient I/O errors (network shares, busy files) are retried; SlideError is deterministic.
 io_retry = RetryPolicy(max_retries=2, delay=2.0, backoff=Backoff.EXPONENTIAL)

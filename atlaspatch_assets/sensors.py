@@ -13,12 +13,15 @@ Configuration (builder arguments win over the environment, read at each tick):
   ATLASPATCH_INBOX                 inbox folders, os.pathsep-separated (sensor RUNNING by default when set)
   ATLASPATCH_INBOX_QUIET_SECONDS   quiet period (default 60)
   ATLASPATCH_INBOX_MAX_PER_TICK    slides opened/requested per tick (default 50)
+  ATLASPATCH_SENSOR_INTERVAL_SECONDS  minimum seconds between ticks (default 30; read when the code
+                                   location loads; the daemon evaluates sensors about every 5 s at most)
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 from dagster import (
@@ -43,6 +46,26 @@ QUIET_ENV = "ATLASPATCH_INBOX_QUIET_SECONDS"
 MAX_PER_TICK_ENV = "ATLASPATCH_INBOX_MAX_PER_TICK"
 DEFAULT_QUIET_SECONDS = 60.0
 DEFAULT_MAX_PER_TICK = 50
+INTERVAL_ENV = "ATLASPATCH_SENSOR_INTERVAL_SECONDS"
+DEFAULT_INTERVAL_SECONDS = 30
+
+
+def interval_from_env() -> int:
+    """$ATLASPATCH_SENSOR_INTERVAL_SECONDS as an integer >= 1, else the default (30)."""
+    raw = os.environ.get(INTERVAL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_INTERVAL_SECONDS
+    try:
+        value = int(float(raw))
+        if value < 1:
+            raise ValueError
+    except ValueError:
+        warnings.warn(
+            f"{INTERVAL_ENV}={raw!r} is not a number of seconds >= 1; using {DEFAULT_INTERVAL_SECONDS}",
+            stacklevel=2,
+        )
+        return DEFAULT_INTERVAL_SECONDS
+    return value
 
 
 def inbox_dirs_from_env() -> list[str]:
@@ -71,13 +94,16 @@ def build_new_slides_sensor(
     quiet_seconds: float | None = None,
     max_per_tick: int | None = None,
     recursive: bool = True,
-    minimum_interval_seconds: int = 30,
+    minimum_interval_seconds: int | None = None,
     default_status: DefaultSensorStatus | None = None,
     clock: Callable[[], float] = time.time,
 ) -> SensorDefinition:
     """The inbox sensor for `job_name`. Unset arguments come from the environment at each tick;
     the default status is RUNNING when inbox folders are configured, else STOPPED. `clock`
-    (seconds) is only replaced in tests."""
+    (seconds) is only replaced in tests. `minimum_interval_seconds` defaults to
+    $ATLASPATCH_SENSOR_INTERVAL_SECONDS (else 30), read when the sensor is built."""
+    if minimum_interval_seconds is None:
+        minimum_interval_seconds = interval_from_env()
     if default_status is None:
         configured = bool(inbox_dirs) or bool(inbox_dirs_from_env())
         default_status = DefaultSensorStatus.RUNNING if configured else DefaultSensorStatus.STOPPED

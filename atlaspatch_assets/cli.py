@@ -377,7 +377,8 @@ def info() -> None:
         "  masks/<slide_id>.geojson   tissue contours (level-0 polygons with holes, QuPath-compatible)\n"
         "  visualization/             <slide_id>.png (grid), _mask.png, _contours.png\n"
         "  images/<slide_id>/         <slide_id>_x<x>_y<y>.png with --save-images\n"
-        "<output>/catalog/            Parquet provenance (slides, events)"
+        "<output>/catalog/            Parquet provenance (slides, events); `atlaspatch status`\n"
+        "exports                      `atlaspatch export RUN --layout slide2vec|trident|clam --encoder NAME`"
     )
 
 
@@ -391,10 +392,12 @@ def demo(output: str) -> None:
 
 
 def _register_subcommands() -> None:
+    from .cli_export import export_command
     from .cli_status import compact_command, status_command
 
     main.add_command(status_command)
     main.add_command(compact_command)
+    main.add_command(export_command)
 
 
 _register_subcommands()

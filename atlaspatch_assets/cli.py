@@ -23,7 +23,7 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by segment-and-get-coords and detect-tissue (seed names and defaults)."""
     opts = [
         click.argument("wsi_path", nargs=-1, required=True, type=click.Path()),
-        click.option("--patch-size", type=int, required=True, help="Patch side at the target magnification (px)"),
+        click.option("--patch-size", type=int, default=None, help="Patch side at the target magnification (px)"),
         click.option("--target-mag", type=float, default=None, help="Target magnification, e.g. 20 (= 0.5 µm/px)"),
         click.option("--target-mpp", type=float, default=None, help="Target µm/px (instead of --target-mag)"),
         click.option("--step-size", type=int, default=None, help="Stride at the target magnification [patch-size]"),
@@ -130,12 +130,13 @@ def main() -> None:
     """Whole-slide images → tissue masks → patch coordinates, as Dagster assets."""
 
 
-def _feature_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _feature_options(fn: Callable[..., Any], required: bool = True) -> Callable[..., Any]:
     """Options of `process` on top of the common ones (seed names and defaults)."""
     opts = [
         click.option(
             "--feature-extractors",
-            required=True,
+            required=required,
+            default="",
             help="Space/comma separated encoders (see `atlaspatch info`), e.g. resnet50,uni_v1",
         ),
         click.option("--feature-batch-size", type=int, default=32, show_default=True),
@@ -150,9 +151,8 @@ def _feature_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--feature-precision",
             type=click.Choice(["float32", "float16", "bfloat16"]),
-            default="float32",
-            show_default=True,
-            help="Compute precision (CPU half: autocast)",
+            default=None,
+            help="Compute precision [float32; float16 on GPU] (CPU half precision: autocast)",
         ),
         click.option(
             "--feature-plugin",
@@ -194,7 +194,7 @@ def _encoder_options(kw: dict[str, Any]) -> dict[str, Any]:
     from .core.encoders import ENCODERS, PluginError, UnknownEncoderError, get_encoder_spec
     from .features_assets import build_registry, parse_list
 
-    names = parse_list(kw["feature_extractors"])
+    names = parse_list(kw["feature_extractors"]) + list(kw.get("_required_patch_encoders", []))
     if not names:
         raise UsageError("--feature-extractors: give at least one encoder")
     plugins = [os.path.abspath(p) for p in kw["feature_plugin"]]
@@ -217,13 +217,59 @@ def _encoder_options(kw: dict[str, Any]) -> dict[str, Any]:
         "features": {
             "batch_size": max(1, kw["feature_batch_size"]),
             "num_workers": max(1, kw["feature_num_workers"]),
-            "precision": kw["feature_precision"],
+            "precision": kw["feature_precision"]
+            or ("float16" if str(kw["feature_device"] or kw["device"]).startswith("cuda") else "float32"),
             "device": kw["feature_device"] or kw["device"],
             "scaled_decode": kw["scaled_decode"],
             "store_dtype": kw["features_dtype"],
             "skip_existing": kw["skip_existing"],
         },
     }
+
+
+def _slide_encoder_options(kw: dict[str, Any]) -> dict[str, Any]:
+    """Resolve --slide-encoders into stored names, check they share one geometry, fill defaults."""
+    from .core.features import feature_path  # noqa: F401  (torch needed: fail early if missing)
+    from .core.slide_encoders import (
+        SlideEncoderError,
+        UnknownSlideEncoderError,
+        check_slide_encoder_run,
+        get_slide_encoder_spec,
+    )
+    from .core.slide_features import POOLING
+    from .features_assets import parse_list
+
+    names = parse_list(kw["slide_encoders"])
+    if not names:
+        raise UsageError("--slide-encoders: give at least one slide encoder (e.g. titan, prism, mean)")
+    patch_given = parse_list(kw["feature_extractors"])
+    try:
+        specs = [get_slide_encoder_spec(n) for n in names]
+        check_slide_encoder_run([sp.name for sp in specs], kw["patch_size"], kw["target_mag"])
+    except (UnknownSlideEncoderError, SlideEncoderError) as e:
+        raise UsageError(" ".join(str(e).split())) from e
+    targets: list[str] = []
+    required: list[str] = []
+    for sp in specs:
+        if sp.name in POOLING:
+            if not patch_given:
+                raise UsageError(f"--slide-encoders {sp.name} pools patch features: give --feature-extractors")
+            targets += [f"{sp.name}_{p}" for p in patch_given]
+        else:
+            targets.append(sp.name)
+            required.append(sp.patch_encoder or "")
+        if sp.geometry is not None:  # the encoder fixes the geometry when the user did not
+            kw["patch_size"] = kw["patch_size"] or sp.patch_size
+            if kw["target_mag"] is None and kw["target_mpp"] is None:
+                kw["target_mag"] = sp.target_magnification
+    kw["_required_patch_encoders"] = [r for r in required if r]
+    weights: dict[str, str] = {}
+    for item in kw["slide_encoder_weights"]:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise UsageError(f"--slide-encoder-weights {item!r}: expected NAME=PATH")
+        weights[name.strip()] = os.path.abspath(path.strip())
+    return {"slide_encoders": tuple(dict.fromkeys(targets)), "slide_encoder_weights": weights}
 
 
 def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
@@ -237,6 +283,9 @@ def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
 
     console = Console(stderr=True)
     try:
+        slide_opts = _slide_encoder_options(kw) if "slide_encoders" in kw else {}
+        if kw["patch_size"] is None:
+            raise UsageError("Missing option '--patch-size'")
         if kw["target_mag"] is None and kw["target_mpp"] is None:
             raise UsageError("give --target-mag (e.g. 20) or --target-mpp (e.g. 0.5)")
         for name in ("target_mag", "target_mpp"):
@@ -260,7 +309,7 @@ def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
     slides, problems = discover(kw["wsi_path"], recursive=kw["recursive"])
     for p in problems:
         console.print(f"[red]error[/red] {p}")
-    if not slides:
+    if not slides and "manifest" not in kw:
         raise click.UsageError("no supported slide files found in " + ", ".join(kw["wsi_path"]))
 
     tissue_cfg = {
@@ -297,7 +346,11 @@ def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
         assets=assets,
         verbose=kw["verbose"],
         **feature_opts,
+        **slide_opts,
     )
+    if "manifest" in kw:
+        _run_patients(console, kw, opts, slides)
+        return
     with ProgressReporter(console, total=len(slides), enabled=not kw["verbose"]) as progress:
         outcomes = run_slides(slides, opts, on_progress=progress.advance)
     print_summary(console, outcomes, opts)
@@ -327,6 +380,128 @@ def segment_and_get_coords(**kw: Any) -> None:
 def process(**kw: Any) -> None:
     """segment-and-get-coords + patch features (features/<encoder> in each slide's store)."""
     _run(kw, ("tissue_mask", "patch_coords"))
+
+
+def _slide_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--slide-encoder-weights", multiple=True, metavar="NAME=PATH", help="Weights of one slide encoder"
+    )(fn)
+    return click.option(
+        "--slide-encoders",
+        required=True,
+        help="Comma list: titan, prism, moozy, gigapath_slide, feather, madeleine, chief, mean, max",
+    )(fn)
+
+
+def _optional_features(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return _feature_options(fn, required=False)
+
+
+@main.command("encode-slide", context_settings=CONTEXT)
+@_common_options
+@_optional_features
+@_slide_options
+def encode_slide(**kw: Any) -> None:
+    """Slide embeddings (slide_features/<encoder>): computes mask, coords and patch features as needed.
+
+    The patch geometry defaults to what the slide encoder needs (e.g. titan: 512 px at 20x);
+    slide encoders share a run only when they need the same geometry.
+    """
+    _run(kw, ("tissue_mask", "patch_coords"))
+
+
+@main.command("encode-patient", context_settings=CONTEXT)
+@_common_options
+@_optional_features
+@_slide_options
+def encode_patient(**kw: Any) -> None:
+    """Patient embeddings from MANIFEST.csv (columns case_id, slide_path, optional mpp).
+
+    Pass the manifest as WSI_PATH. Each case's slides are encoded (encode-slide), then the case
+    gets patient_features/<encoder>/<case_id>.h5 = mean of its slide embeddings. A case with a
+    missing slide or duplicate rows fails alone.
+    """
+    if len(kw["wsi_path"]) != 1 or not str(kw["wsi_path"][0]).lower().endswith(".csv"):
+        raise click.UsageError("encode-patient takes one MANIFEST.csv (columns case_id, slide_path, optional mpp)")
+    cases, bad, mpps = _read_manifest(kw["wsi_path"][0])
+    if mpps and not kw["mpp_csv"]:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="atlaspatch-mpp-", suffix=".csv")
+        with os.fdopen(fd, "w") as fh:
+            fh.write("wsi,mpp\n" + "".join(f"{p},{m}\n" for p, m in mpps.items()))
+        kw["mpp_csv"] = path
+    kw["manifest"] = (cases, bad, None)
+    kw["wsi_path"] = tuple(dict.fromkeys(p for paths in cases.values() for p in paths)) or (kw["wsi_path"][0],)
+    _run(kw, ("tissue_mask", "patch_coords"))
+
+
+def _read_manifest(path: str) -> tuple[dict[str, list[str]], dict[str, str], dict[str, float]]:
+    """(case → slide paths, case → reason for cases that cannot run, slide path → mpp)."""
+    import csv
+
+    if not os.path.isfile(path):
+        raise click.UsageError(f"manifest not found: {path}")
+    base = os.path.dirname(os.path.abspath(path))
+    cases: dict[str, list[str]] = {}
+    bad: dict[str, str] = {}
+    mpps: dict[str, float] = {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = {c.strip().lower(): c for c in reader.fieldnames or []}
+        if "case_id" not in cols or "slide_path" not in cols:
+            raise click.UsageError(f"{path}: needs columns case_id and slide_path (found {reader.fieldnames})")
+        for i, row in enumerate(reader, start=2):
+            case = (row.get(cols["case_id"]) or "").strip()
+            slide = (row.get(cols["slide_path"]) or "").strip()
+            if not case or not slide:
+                raise click.UsageError(f"{path}:{i}: empty case_id or slide_path")
+            slide = os.path.abspath(os.path.join(base, slide))
+            if slide in cases.get(case, []):
+                bad[case] = f"duplicate row for slide {slide} (line {i})"
+            elif not os.path.exists(slide):
+                bad[case] = f"slide not found: {slide}"
+            cases.setdefault(case, []).append(slide)
+            mpp = (row.get(cols["mpp"]) or "").strip() if "mpp" in cols else ""
+            if mpp:
+                mpps[slide] = float(mpp)
+    return {c: p for c, p in cases.items() if c not in bad}, bad, mpps
+
+
+def _run_patients(console: Any, kw: dict[str, Any], opts: Any, slides: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .runner import run_patients, run_slides
+    from .summary import ProgressReporter, print_summary
+
+    cases, bad_cases, _ = kw["manifest"]
+    outcomes = []
+    if cases:
+        with ProgressReporter(console, total=len(slides), enabled=not kw["verbose"]) as progress:
+            outcomes = run_slides(slides, opts, on_progress=progress.advance)
+        print_summary(console, outcomes, opts)
+    by_path = {os.path.abspath(o.path): o for o in outcomes}
+    ready: dict[str, list[str]] = {}
+    for case_id, paths in cases.items():
+        failed = [by_path[p] for p in paths if by_path[p].status == "failed"]
+        if failed:
+            bad_cases[case_id] = f"slide {failed[0].slide_id} failed: {failed[0].reason}"
+        else:
+            ready[case_id] = [by_path[p].slide_id for p in paths]
+    results = run_patients(ready, opts) if ready else []
+    t = Table(title="patients")
+    for col in ("case_id", "status", "slides", "output / reason"):
+        t.add_column(col, overflow="fold")
+    for r in results:
+        t.add_row(escape(r.case_id), r.status, str(len(r.slides)), escape(r.path if r.status == "done" else r.reason))
+    for case_id, reason in bad_cases.items():
+        t.add_row(escape(case_id), "failed", "", escape(reason))
+    console.print(t)
+    for case_id, reason in bad_cases.items():
+        console.print(f"FAILED case {escape(case_id)}: {escape(reason)}", soft_wrap=True, highlight=False)
+    failed = bad_cases or [r for r in results if r.status != "done"]
+    sys.exit(1 if failed else 0)
 
 
 @main.command("detect-tissue", context_settings=CONTEXT)

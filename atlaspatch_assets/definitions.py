@@ -13,7 +13,7 @@ from .assets import patch_coords, tissue_mask
 from .catalog_asset import catalog
 from .checks import has_patches, has_tissue
 from .io_managers import SlideStoreIOManager
-from .jobs import NEW_SLIDES_JOB, PROCESS, SEGMENT_AND_COORDS, segment_and_coords_job
+from .jobs import ENCODE_PATIENT, ENCODE_SLIDE, NEW_SLIDES_JOB, PROCESS, SEGMENT_AND_COORDS, segment_and_coords_job
 from .resources import ComputeResource, SlideSourceResource, StoreResource
 from .sensors import build_new_slides_sensor
 
@@ -35,6 +35,8 @@ def build_definitions(
     compute: ComputeResource | None = None,
     encoders: Sequence[str] | None = None,
     encoders_resource: Any = None,
+    slide_encoders: Sequence[str] | None = None,
+    slide_encoders_resource: Any = None,
 ) -> Definitions:
     """All assets, checks, jobs and resources; `encoders` = the `features/<name>` assets to define."""
     store = store or StoreResource()
@@ -53,6 +55,9 @@ def build_definitions(
 
         enc_res = encoders_resource or EncodersResource()
         names = list(encoders) if encoders is not None else configured_encoders()
+        slide_names = list(slide_encoders) if slide_encoders is not None else configured_slide_encoders()
+        targets = [_target(n) for n in slide_names]
+        names += [t.patch_encoder for t in targets if t.patch_encoder not in names]
         feature_defs = build_features_assets(names, enc_res.registry) if names else []
         assets += feature_defs[:1]
         checks += feature_defs[1:]
@@ -65,6 +70,33 @@ def build_definitions(
                 description="Mask, coordinates and patch features (select the encoders you need).",
             )
         )
+        if targets:
+            from .slide_features_assets import (
+                SlideEncodersResource,
+                build_patient_feature_asset,
+                build_slide_feature_asset,
+                slide_key,
+            )
+
+            assets += [build_slide_feature_asset(t.name) for t in targets]
+            assets += [build_patient_feature_asset(t.name) for t in targets]
+            resources["slide_encoders"] = slide_encoders_resource or SlideEncodersResource()
+            jobs.append(
+                define_asset_job(
+                    ENCODE_SLIDE,
+                    selection=AssetSelection.assets("tissue_mask", "patch_coords")
+                    | AssetSelection.assets(*[encoder_key(n) for n in names])
+                    | AssetSelection.assets(*[slide_key(t) for t in targets]),
+                    description="Mask → coords → patch features → slide embeddings.",
+                )
+            )
+            jobs.append(
+                define_asset_job(
+                    ENCODE_PATIENT,
+                    selection=AssetSelection.assets(*[AssetKey(["patient_features", t.name]) for t in targets]),
+                    description="Patient embeddings (mean of slide embeddings) over the patients partitions.",
+                )
+            )
     sensor_job = SEGMENT_AND_COORDS
     sensor_encoders = [n for n in sensor_default_encoders() if features_available()]
     if sensor_encoders:
@@ -89,6 +121,19 @@ def build_definitions(
         resources=resources,
         sensors=[build_new_slides_sensor(job_name=sensor_job)],
     )
+
+
+def configured_slide_encoders() -> list[str]:
+    from .features_assets import parse_list
+    from .slide_features_assets import DEFAULT_SLIDE_ENCODER_ASSETS
+
+    return parse_list(os.environ.get("ATLASPATCH_SLIDE_ENCODERS")) or list(DEFAULT_SLIDE_ENCODER_ASSETS)
+
+
+def _target(name: str) -> Any:
+    from .core.slide_features import parse_target
+
+    return parse_target(name)
 
 
 def sensor_default_encoders() -> list[str]:

@@ -19,7 +19,7 @@ from .core.discovery import SlideFile, assign_ids
 from .core.errors import SlideError
 from .core.pipeline import COORDS, MASK, RunLayout
 from .definitions import build_definitions
-from .jobs import PROCESS, SEGMENT_AND_COORDS
+from .jobs import ENCODE_PATIENT, ENCODE_SLIDE, PROCESS, SEGMENT_AND_COORDS
 from .partitions import SLIDES_PARTITION
 from .resources import ComputeResource, SlideSourceResource, StoreResource
 
@@ -57,6 +57,9 @@ class RunOptions:
     weights_dir: str | None = None
     encoder_weights: dict[str, str] = field(default_factory=dict)
     plugins: tuple[str, ...] = ()
+    slide_encoders: tuple[str, ...] = ()  # slide_features/<name> assets (e.g. titan, mean_uni_v1)
+    slide_encoder_weights: dict[str, str] = field(default_factory=dict)
+    random_slide_weights: bool = False  # tests and benchmarks only
     verbose: bool = False
 
     def store(self) -> StoreResource:
@@ -67,6 +70,73 @@ class RunOptions:
             target_mag=self.target_mag or 0.0,
             target_mpp=self.target_mpp or 0.0,
         )
+
+
+def _definitions(opts: RunOptions, store: StoreResource, source: SlideSourceResource) -> Any:
+    encoders_resource = slide_resource = None
+    if opts.encoders or opts.slide_encoders:
+        from .features_assets import EncodersResource
+
+        encoders_resource = EncodersResource(
+            weights_dir=opts.weights_dir or os.environ.get("ATLASPATCH_WEIGHTS_DIR", ""),
+            encoder_weights=dict(opts.encoder_weights),
+            plugins=list(opts.plugins),
+        )
+    if opts.slide_encoders:
+        from .slide_features_assets import SlideEncodersResource
+
+        slide_resource = SlideEncodersResource(
+            weights_dir=opts.weights_dir or os.environ.get("ATLASPATCH_WEIGHTS_DIR", ""),
+            encoder_weights=dict(opts.slide_encoder_weights),
+            random_weights=opts.random_slide_weights,
+        )
+    return build_definitions(
+        store=store,
+        slide_source=source,
+        compute=ComputeResource(device=opts.device),
+        encoders=list(opts.encoders),
+        encoders_resource=encoders_resource,
+        slide_encoders=list(opts.slide_encoders),
+        slide_encoders_resource=slide_resource,
+    )
+
+
+@dataclass
+class CaseOutcome:
+    case_id: str
+    status: str
+    reason: str = ""
+    slides: list[str] = field(default_factory=list)
+    path: str = ""
+
+
+def run_patients(
+    cases: dict[str, list[str]], opts: RunOptions, instance: DagsterInstance | None = None
+) -> list[CaseOutcome]:
+    """Patient embeddings for cases whose slides (ids) already have their slide embeddings."""
+    from .core.slide_features import patient_path, register_patients
+    from .slide_features_assets import PATIENTS_PARTITION
+
+    store = opts.store()
+    source = SlideSourceResource(output_dir=store.output_dir, mpp_csv=opts.mpp_csv or "")
+    defs = _definitions(opts, store, source)
+    job = defs.resolve_job_def(ENCODE_PATIENT)
+    instance = instance or get_instance()
+    register_patients(store.layout, cases)
+    instance.add_dynamic_partitions(
+        PATIENTS_PARTITION, [c for c in cases if not instance.has_dynamic_partition(PATIENTS_PARTITION, c)]
+    )
+    cfg = {"loggers": {"console": {"config": {"log_level": "INFO" if opts.verbose else "CRITICAL"}}}}
+    out = []
+    for case_id, slide_ids in cases.items():
+        res = job.execute_in_process(run_config=cfg, instance=instance, partition_key=case_id, raise_on_error=False)
+        o = CaseOutcome(case_id, "done" if res.success else "failed", slides=list(slide_ids))
+        if res.success:
+            o.path = ", ".join(str(patient_path(store.layout, t, case_id)) for t in opts.slide_encoders)
+        else:
+            o.reason = _failure_reason(res) or "run failed"
+        out.append(o)
+    return out
 
 
 def get_instance() -> DagsterInstance:
@@ -85,23 +155,9 @@ def run_slides(
     store = opts.store()
     layout: RunLayout = store.layout
     source = SlideSourceResource(output_dir=store.output_dir, mpp_csv=opts.mpp_csv or "")
-    encoders_resource = None
-    if opts.encoders:
-        from .features_assets import EncodersResource
-
-        encoders_resource = EncodersResource(
-            weights_dir=opts.weights_dir or os.environ.get("ATLASPATCH_WEIGHTS_DIR", ""),
-            encoder_weights=dict(opts.encoder_weights),
-            plugins=list(opts.plugins),
-        )
-    defs = build_definitions(
-        store=store,
-        slide_source=source,
-        compute=ComputeResource(device=opts.device),
-        encoders=list(opts.encoders),
-        encoders_resource=encoders_resource,
-    )
-    job = defs.resolve_job_def(PROCESS if opts.encoders else SEGMENT_AND_COORDS)
+    defs = _definitions(opts, store, source)
+    job_name = ENCODE_SLIDE if opts.slide_encoders else PROCESS if opts.encoders else SEGMENT_AND_COORDS
+    job = defs.resolve_job_def(job_name)
     instance = instance or get_instance()
 
     ids = assign_ids(list(slides), taken=store.catalog.slide_paths())
@@ -122,7 +178,11 @@ def run_slides(
         "ops": ops,
         "loggers": {"console": {"config": {"log_level": "INFO" if opts.verbose else "CRITICAL"}}},
     }
-    selection = [*opts.assets, *(f"features/{e}" for e in opts.encoders)]
+    selection = [
+        *opts.assets,
+        *(f"features/{e}" for e in opts.encoders),
+        *(f"slide_features/{t}" for t in opts.slide_encoders),
+    ]
     outcomes: list[SlideOutcome] = []
     for slide_id, sf in ids.items():
         t0 = time.perf_counter()

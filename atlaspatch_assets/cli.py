@@ -365,6 +365,8 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         # Dagster's beta/preview notices are noise for CLI users.
         warnings.filterwarnings("ignore", module=r"dagster(\..*)?$")
+        # beta/preview notices are attributed to our modules (stacklevel): match the text too
+        warnings.filterwarnings("ignore", message=r".*currently in (beta|preview)")
 
 
 @main.command("segment-and-get-coords", context_settings=CONTEXT)

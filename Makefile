@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint ui install install-dev
+.PHONY: demo test test-e2e browser-deps lint ui install install-dev
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,8 +31,18 @@ install-dev: $(VENV)/.dev
 demo: install
 	$(BIN)/atlaspatch demo --output ./demo
 
-test: install-dev
+test: install-dev browser-deps
 	$(BIN)/python -m pytest -q
+
+# The browser test drives Debian's chromium through chromium-driver (Playwright's download is offline here).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; \
+	fi
+
+test-e2e: install-dev browser-deps
+	$(BIN)/python -m pytest -q tests/e2e
 
 lint: install-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

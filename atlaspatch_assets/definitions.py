@@ -7,7 +7,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from dagster import AssetKey, AssetSelection, Definitions, define_asset_job
+from dagster import (
+    AssetKey,
+    AssetSelection,
+    Definitions,
+    ExecutorDefinition,
+    define_asset_job,
+    in_process_executor,
+    multiprocess_executor,
+)
 
 from .assets import patch_coords, tissue_mask
 from .catalog_asset import catalog
@@ -120,7 +128,25 @@ def build_definitions(
         jobs=jobs,
         resources=resources,
         sensors=[build_new_slides_sensor(job_name=sensor_job)],
+        executor=configured_executor(),
     )
+
+
+EXECUTOR_ENV = "ATLASPATCH_EXECUTOR"
+
+
+def configured_executor() -> ExecutorDefinition:
+    """$ATLASPATCH_EXECUTOR: `in_process` (default) or `multiprocess`.
+
+    In process because a batched run's steps are sequential per slide anyway, and the
+    multiprocess executor starts one subprocess per step that re-imports the code location
+    (torch included): ~35 % of a 100-slide backfill's wall time (benchmarks/bench_backfill.py).
+    `multiprocess` isolates each step (a native crash in a reader kills the step, not the run).
+    """
+    value = (os.environ.get(EXECUTOR_ENV) or "in_process").strip().lower().replace("-", "_")
+    if value not in ("in_process", "multiprocess"):
+        raise ValueError(f"{EXECUTOR_ENV}={value!r}: expected in_process or multiprocess")
+    return in_process_executor if value == "in_process" else multiprocess_executor
 
 
 def configured_slide_encoders() -> list[str]:

@@ -1,0 +1,1 @@
+"""End-to-end tests: the real Dagster daemon, webserver and a browser."""

@@ -150,3 +150,53 @@ def test_lineage_links_patch_features_to_slide_and_patient_assets() -> None:
     patient = graph.get(AssetKey(["patient_features", "titan"]))
     assert patient.parent_keys == {AssetKey(["slide_features", "titan"])}
     assert patient.partitions_def.name == "patients"
+
+
+def test_titan_on_conch_v15_end_to_end_with_random_weights(tmp_path: Path) -> None:
+    """slide → mask → 512 px/20x coords → conch_v15 (TITAN's tower) → titan, both from local checkpoints."""
+    import safetensors.torch
+    import torch
+
+    from atlaspatch_assets.core.encoders import ENCODERS
+    from atlaspatch_assets.core.slide_encoders import SlideEncoder
+
+    torch.manual_seed(0)
+    conch = tmp_path / "pytorch_model_vision.bin"
+    torch.save(ENCODERS["conch_v15"].create().state_dict(), conch)  # the published layout (trunk.*, ...)
+    titan = SlideEncoder.load("titan", random_weights=True)
+    titan_dir = tmp_path / "titan"
+    titan_dir.mkdir()
+    state = {k: v.contiguous() for k, v in titan.model.state_dict().items()}
+    safetensors.torch.save_file(state, str(titan_dir / "model.safetensors"))
+    out = tmp_path / "out"
+    code, text = _cli(
+        "encode-slide",
+        str(CMU),
+        "-o",
+        str(out),
+        "--slide-encoders",
+        "titan",
+        "--encoder-weights",
+        f"conch_v15={conch}",
+        "--slide-encoder-weights",
+        f"titan={titan_dir}",
+        "--feature-precision",
+        "bfloat16",
+    )
+    assert code == 0, text
+    with h5py.File(out / "20x_512px_0px_overlap" / "patches" / "CMU-1-Small-Region.h5") as f:
+        assert f.attrs["patch_size"] == 512 and f.attrs["target_magnification"] == 20
+        feats = f["features/conch_v15"][()]
+        coords = f["coords"][()]
+        emb = f["slide_features/titan"][()]
+        assert dict(f["features/conch_v15"].attrs)["weights_sha256"] == _sha256(conch)
+        size0 = int(f.attrs["patch_size_level0"])
+    assert feats.shape == (len(coords), 768) and len(coords) > 5 and np.isfinite(feats).all()
+    assert emb.shape == (768,) and np.isfinite(emb).all()
+    np.testing.assert_allclose(emb, titan.encode(feats, coords, size0), rtol=1e-4, atol=1e-5)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -61,7 +61,7 @@ SEED_DIMS = dict(
 ALL_NAMES = [*SEED_DIMS, "conch_v1", "conch_v15", "chief_ctranspath", "mobilenet_v2", "efficientnet_lite0"]
 
 # Entries whose architecture code cannot be obtained offline: they must fail with a clear error.
-UNAVAILABLE = {"musk": "musk", "conch_v1": "conch", "conch_v15": "TITAN"}
+UNAVAILABLE = {"musk": "musk", "conch_v1": "conch"}
 
 
 @pytest.fixture(autouse=True)
@@ -217,6 +217,7 @@ def _ctranspath_original_layout(sd: dict) -> dict:
 # (file suffix, how the published checkpoint wraps the architecture's state dict)
 ROUNDTRIP = {
     "chief_ctranspath": (".pth", _ctranspath_original_layout),  # custom Swin, non-persistent buffers
+    "conch_v15": (".bin", lambda sd: sd),  # TITAN's conch_v1_5.py: trunk.* + attn_pool_contrast.* + ln_contrast.*
     "dinov3_vits16": (".safetensors", lambda sd: sd),  # transformers, RoPE buffer -> full build path
     "lunit_vit_small_patch16_dino": (".safetensors", lambda sd: sd),  # timm, meta fast path
     "clip_vit_b_32": (".bin", lambda sd: {**{f"visual.{k}": v for k, v in sd.items()},

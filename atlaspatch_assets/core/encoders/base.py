@@ -47,6 +47,8 @@ _LIBRARY_DIST = {
     "timm": "timm",
     "transformers": "transformers",
     "open_clip": "open_clip_torch",
+    "unicorn_baseline": "--no-deps unicorn-baseline==1.4.4",
+    "einops_exts": "einops-exts",
 }
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 PRECISIONS: dict[str, torch.dtype] = {

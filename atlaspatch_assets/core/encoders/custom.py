@@ -117,3 +117,41 @@ def efficientnet_lite0_arch(config: dict | None = None) -> nn.Module:
 def token_cls_mean(tokens: Tensor, num_prefix: int) -> Tensor:
     """concat(CLS token, mean of patch tokens), skipping ``num_prefix`` CLS/register tokens."""
     return torch.cat([tokens[:, 0], tokens[:, num_prefix:].mean(dim=1)], dim=-1)
+
+
+class _LinspaceOnCpu(torch.overrides.TorchFunctionMode):
+    """Let ``torch.linspace(...).item()`` (drop-path schedules in constructors) run under the meta device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = dict(kwargs or {})
+        if func is torch.linspace:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def conch_v15_arch(config: dict | None = None) -> nn.Module:
+    """CONCH v1.5 vision tower: ViT-L/16 (iBOT/timm 0.8 layout) + attentional pooler + LayerNorm (768).
+
+    The authors' code as published with TITAN (``conch_v1_5.py``), vendored by the ``unicorn-baseline``
+    PyPI package; checkpoint keys ``trunk.*``, ``attn_pool_contrast.*``, ``ln_contrast.*``.
+    """
+    from unicorn_baseline.vision.pathology.titan.conch_v1_5 import (
+        AttentionalPooler,
+        EncoderWithAttentionalPooler,
+        VisionTransformer,
+    )
+    from unicorn_baseline.vision.pathology.titan.configuration_titan import ConchConfig
+
+    c = ConchConfig(**(config or {}))
+    with _LinspaceOnCpu():
+        trunk = VisionTransformer(
+            patch_size=c.patch_size,
+            embed_dim=c.context_dim,
+            depth=c.depth,
+            num_heads=c.num_heads,
+            mlp_ratio=c.mlp_ratio,
+            qkv_bias=c.qkv_bias,
+            init_values=c.init_values,
+        )
+    pooler = AttentionalPooler(d_model=c.embed_dim, context_dim=c.context_dim, n_queries=c.pooler_n_queries_contrast)
+    return EncoderWithAttentionalPooler(encoder=trunk, attn_pooler_contrast=pooler, embed_dim=c.embed_dim)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .base import CLIP_MEAN, CLIP_STD, HALF, EncoderSpec, validate_spec
 from .custom import (
+    conch_v15_arch,
     ctranspath_adapt,
     ctranspath_arch,
     efficientnet_lite0_arch,
@@ -261,6 +262,14 @@ _TIMM_SPECS = [
         adapt=ctranspath_adapt, url="https://github.com/hms-dbmi/CHIEF",
         notes="Swin-T + CTransPath conv stem on current timm; weights are distributed outside Hugging Face",
     ),
+    EncoderSpec(
+        name="conch_v15", dim=768, library="custom", arch=conch_v15_arch, input_size=448,
+        requires=("unicorn_baseline", "einops", "einops_exts", "timm"),
+        model_id="MahmoodLab/conchv1_5", weight_files=("pytorch_model_vision.bin", "conch-tile-encoder.pth"),
+        url="https://huggingface.co/MahmoodLab/conchv1_5",
+        notes="TITAN's patch encoder; 512 px patches at 20x resized to 448 (bilinear, ImageNet normalization, "
+        "as the authors' eval transform); architecture code from unicorn-baseline (TITAN's conch_v1_5.py)",
+    ),
 ]
 # fmt: on
 
@@ -489,14 +498,6 @@ _UNAVAILABLE_SPECS = [
         requires=("conch",), url="https://github.com/mahmoodlab/CONCH",
         unavailable="CONCH's CoCa image tower (encode_image, proj_contrast=False) lives in the `conch` "
         "package (GitHub mahmoodlab/CONCH, not on PyPI), not in open_clip; it is not available offline here."
-        + _PLUGIN_HINT,
-    ),
-    EncoderSpec(
-        name="conch_v15", dim=768, library="custom", input_size=448, interpolation="bicubic",
-        model_id="MahmoodLab/conchv1_5", weight_files=("pytorch_model_vision.bin",),
-        url="https://huggingface.co/MahmoodLab/TITAN",
-        unavailable="CONCH v1.5's model code ships as remote code of the gated MahmoodLab/TITAN repo "
-        "(conch_v1_5.py, needs einops_exts); it is not available offline and remote code is never run."
         + _PLUGIN_HINT,
     ),
 ]

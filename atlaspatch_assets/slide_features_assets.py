@@ -192,6 +192,13 @@ def build_slide_feature_asset(name: str) -> Any:
     return _slide_features
 
 
+def case_aggregation(target: Any) -> str:
+    """How a case's slides become one patient embedding for this target."""
+    from .core.slide_encoders import get_slide_encoder_spec
+
+    return get_slide_encoder_spec(target.slide_encoder).case_aggregation
+
+
 def build_patient_feature_asset(name: str) -> Any:
     target = parse_target(name)
 
@@ -202,20 +209,37 @@ def build_patient_feature_asset(name: str) -> Any:
         group_name="patients",
         code_version=f"1-{target.name}",
         kinds={"hdf5"},
-        description=f"Patient embedding: mean of the {target.name} slide embeddings of the case's slides.",
+        description=f"Patient embedding: {case_aggregation(target)} ({target.name}) of the case's slides.",
     )
-    def _patient_features(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
+    def _patient_features(
+        context: AssetExecutionContext,
+        store: StoreResource,
+        slide_encoders: SlideEncodersResource,
+        compute: ComputeResource,
+    ) -> MaterializeResult:
         layout = store.layout
         cases = load_patients(layout)
         failures = []
+        encoder = None
+        if case_aggregation(target) != "mean of slide embeddings":  # the model aggregates the case itself
+            try:
+                encoder = slide_encoders.get(target.slide_encoder, compute.device)
+            except Exception as e:
+                reason = f"[patient_features/{target.name}] {' '.join(str(e).split())}"
+                raise Failure(description=reason, allow_retries=False) from e
         for case_id in context.partition_keys:
             t0 = time.perf_counter()
             try:
                 if case_id not in cases:
                     raise ValueError(f"case {case_id} is not registered (run atlaspatch encode-patient)")
-                res = encode_patient(layout, case_id, cases[case_id], target)
+                res = encode_patient(layout, case_id, cases[case_id], target, encoder)
                 context.add_asset_metadata(
-                    {"slides": len(res.slide_ids), "path": MetadataValue.path(str(res.path))}, partition_key=case_id
+                    {
+                        "slides": len(res.slide_ids),
+                        "aggregation": case_aggregation(target),
+                        "path": MetadataValue.path(str(res.path)),
+                    },
+                    partition_key=case_id,
                 )
                 status, error = "done", None
             except Exception as e:

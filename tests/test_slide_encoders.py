@@ -378,6 +378,46 @@ def test_moozy_equals_its_own_h5_pipeline(moozy, tmp_path):
 
 
 @needs["moozy"]
+def test_moozy_patient_is_its_case_transformer_over_all_slides(moozy, tmp_path):
+    """encode_case = moozy's own multi-slide case (run_encoding on several H5s), not a mean of slides."""
+    h5py = pytest.importorskip("h5py")
+    from moozy.data.stage2 import build_case_sample, collate_stage2_batch, load_stage2_slide_sample
+    from moozy.models.stage2_encoding import encode_case_batch
+
+    slides, samples = [], []
+    for i, n in enumerate((80, 50)):
+        coords = grid_coords(n, 448, seed=10 + i)
+        feats = np.random.default_rng(10 + i).standard_normal((n, 384)).astype(np.float32)
+        slides.append((feats, coords, 448))
+        path = tmp_path / f"slide{i}.h5"
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("coords", data=coords.astype(np.int32))
+            fh.create_dataset("features/lunit_vit_small_patch8_dino", data=feats)
+            fh.attrs["patch_size_level0"] = 448
+            fh.attrs["patch_size"] = 224
+        samples.append(load_stage2_slide_sample(f"s{i}", str(path), feature_h5_key="lunit_vit_small_patch8_dino"))
+    with torch.inference_mode():
+        cls, *_ = encode_case_batch(
+            moozy.model.slide_encoder,
+            moozy.model.case_transformer,
+            collate_stage2_batch([build_case_sample(slides=samples)]),
+        )
+    case = moozy.encode_case(slides)
+    np.testing.assert_allclose(case, cls[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert moozy.has_case_model and SLIDE_ENCODERS["moozy"].case_aggregation.startswith("MOOZY case transformer")
+
+
+def test_encode_case_without_a_case_model_is_the_mean_of_slides():
+    enc = SlideEncoder.load("max")
+    rng = np.random.default_rng(3)
+    slides = [(rng.standard_normal((n, 8)).astype(np.float32), None, None) for n in (5, 9)]
+    assert not enc.has_case_model
+    np.testing.assert_allclose(enc.encode_case(slides), np.mean([s[0].max(0) for s in slides], axis=0), rtol=1e-6)
+    with pytest.raises(SlideEncoderError, match="at least one slide"):
+        enc.encode_case([])
+
+
+@needs["moozy"]
 def test_moozy_loads_its_checkpoint_format(moozy, tmp_path):
     from moozy.models.serialization import extract_case_transformer_config, extract_slide_encoder_config
 

@@ -2,8 +2,10 @@
 
 `slide_features/<name>` in the slide's store holds one (D,) vector per slide encoder; for the
 pooling encoders (`mean`, `max`), which work on any patch encoder, the name carries the patch
-encoder: `mean_uni_v1`. Patient embeddings are the mean of their slides' embeddings, one file
-per case: `<run>/patient_features/<name>/<case_id>.h5`.
+encoder: `mean_uni_v1`. Patient embeddings, one file per case at
+`<run>/patient_features/<name>/<case_id>.h5`, come from the model's own case-level aggregator
+when it has one (MOOZY's case transformer over all the case's slides), else they are the mean
+of the case's slide embeddings.
 """
 
 from __future__ import annotations
@@ -179,8 +181,16 @@ def register_patients(layout: RunLayout, cases: Mapping[str, Sequence[str]]) -> 
     write_file_atomic(patients_manifest_path(layout), json.dumps(merged, indent=1, sort_keys=True).encode())
 
 
-def encode_patient(layout: RunLayout, case_id: str, slide_ids: Sequence[str], target: SlideTarget) -> PatientResult:
-    """Mean of the case's slide embeddings → `patient_features/<name>/<case_id>.h5` (atomic)."""
+def encode_patient(
+    layout: RunLayout, case_id: str, slide_ids: Sequence[str], target: SlideTarget, encoder: Any = None
+) -> PatientResult:
+    """Patient embedding of a case → `patient_features/<name>/<case_id>.h5` (atomic).
+
+    With an ``encoder`` that has a case model (``encoder.has_case_model``), that model encodes the
+    case from every slide's patch features and coords; otherwise the slide embeddings are averaged.
+    """
+    if not slide_ids:
+        raise SlideFeatureError(f"case {case_id} has no slides", slide=case_id, stage="patient_features")
     vectors, attrs = [], []
     for sid in slide_ids:
         store = layout.store(sid)
@@ -192,24 +202,38 @@ def encode_patient(layout: RunLayout, case_id: str, slide_ids: Sequence[str], ta
         v, a = store.read(path)
         vectors.append(np.asarray(v, np.float32))
         attrs.append(a)
-    if not vectors:
-        raise SlideFeatureError(f"case {case_id} has no slides", slide=case_id, stage="patient_features")
     if len({v.shape for v in vectors}) != 1:
         raise SlideFeatureError(f"case {case_id}: slide embeddings differ in shape", slide=case_id)
+    aggregation = "mean of slide embeddings"
+    vector = np.mean(vectors, axis=0).astype(np.float32)
+    if encoder is not None and getattr(encoder, "has_case_model", False):
+        slides = []
+        for sid in slide_ids:
+            store = layout.store(sid)
+            feats, _ = store.read(feature_path(target.patch_encoder))
+            coords, _ = store.read(COORDS)
+            slides.append((feats, coords.reshape(-1, 2), int(store.attrs()["patch_size_level0"])))
+        try:
+            vector = encoder.encode_case(slides)
+        except SlideError:
+            raise
+        except Exception as e:
+            raise SlideFeatureError(f"case {case_id}: {type(e).__name__}: {e}", slide=case_id) from e
+        aggregation = encoder.spec.case_aggregation
     out = patient_path(layout, target.name, case_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     try:
         with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("features", data=np.mean(vectors, axis=0).astype(np.float32))
+            ds = f.create_dataset("features", data=vector)
             prov = {
                 "case_id": case_id,
                 "slide_ids": json.dumps(list(slide_ids)),
                 "encoder": target.name,
                 "slide_encoder": target.slide_encoder,
                 "patch_encoder": target.patch_encoder,
-                "aggregation": "mean of slide embeddings",
+                "aggregation": aggregation,
                 "slide_recipe_hashes": json.dumps([str(a.get("recipe_hash", "")) for a in attrs]),
                 "weights_sha256": str(attrs[0].get("weights_sha256", "")),
                 "software_version": __version__,

@@ -34,6 +34,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 BuildFn = Callable[["SlideEncoderSpec", torch.device, torch.dtype, "ResolvedWeights | None"], "nn.Module | None"]
 # (model, features (N, D) float, coords (N, 2) int64 level-0, patch_size_level0) -> (D_out,)
 ForwardFn = Callable[["nn.Module | None", Tensor, Tensor, int], Tensor]
+# (model, [(features, coords, patch_size_level0) per slide of one case]) -> (D_out,)
+CaseForwardFn = Callable[["nn.Module | None", list[tuple[Tensor, Tensor, int]]], Tensor]
 
 
 def format_mag(mag: float | None) -> str:
@@ -64,6 +66,8 @@ class SlideEncoderSpec:
     library: str  # where the architecture comes from: "builtin", a PyPI package, or "remote-code"
     build_fn: BuildFn | None = None
     forward_fn: ForwardFn | None = None
+    case_forward_fn: CaseForwardFn | None = None  # models with their own patient/case-level aggregator
+    case_aggregation: str = "mean of slide embeddings"
     input_dim: int | None = None
     model_id: str | None = None  # Hugging Face repo (or a description) of the published weights
     weight_files: tuple[str, ...] = ()
@@ -305,6 +309,33 @@ class SlideEncoder:
     @torch.inference_mode()
     def encode(self, features: Any, coords: Any = None, patch_size_level0: int | None = None) -> np.ndarray:
         """Slide embedding (D_out,) float32 of one slide's patch features."""
+        x, coords_t, psl0 = self._inputs(features, coords, patch_size_level0)
+        with self._precision_context():
+            out = self.spec.forward(self.model, self._cast(x), coords_t, psl0)
+        return self._output(out, x.shape[1])
+
+    @property
+    def has_case_model(self) -> bool:
+        """True when the model aggregates a patient's slides itself (e.g. MOOZY's case transformer)."""
+        return self.spec.case_forward_fn is not None
+
+    @torch.inference_mode()
+    def encode_case(self, slides: list[tuple[Any, Any, int | None]]) -> np.ndarray:
+        """Patient embedding (D_out,) from the (features, coords, patch_size_level0) of each slide of a case.
+
+        The model's own case-level aggregator when it has one, else the mean of the slide embeddings.
+        """
+        if not slides:
+            raise SlideEncoderError("a case needs at least one slide")
+        if self.spec.case_forward_fn is None:
+            return np.mean([self.encode(*s) for s in slides], axis=0).astype(np.float32)
+        inputs = [self._inputs(*s) for s in slides]
+        with self._precision_context():
+            out = self.spec.case_forward_fn(self.model, [(self._cast(x), c, p) for x, c, p in inputs])
+        return self._output(out, inputs[0][0].shape[1])
+
+    def _inputs(self, features: Any, coords: Any, patch_size_level0: int | None) -> tuple[Tensor, Tensor, int]:
+        """Validated float32 features and int64 coords on the device, and the level-0 patch size."""
         feats = _as_features(features)
         n = feats.shape[0]
         if n == 0:
@@ -329,21 +360,24 @@ class SlideEncoder:
             coords_t = torch.from_numpy(np.ascontiguousarray(xy[:, :2], dtype=np.int64))
         else:
             coords_t = torch.zeros((n, 2), dtype=torch.int64)
-        psl0 = int(patch_size_level0 or 0)
         x = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
         if not torch.isfinite(x).all():
             raise SlideEncoderError(f"patch features for {self.name!r} contain NaN or inf")
-        x = x.to(self.device)
-        coords_t = coords_t.to(self.device)
+        return x.to(self.device), coords_t.to(self.device), int(patch_size_level0 or 0)
+
+    def _precision_context(self) -> Any:
         if self._autocast:
-            with torch.autocast(device_type=self.device.type, dtype=self.dtype):
-                out = self.spec.forward(self.model, x, coords_t, psl0)
-        else:
-            if self.model is not None and self.dtype != torch.float32:
-                x = x.to(self.dtype)
-            out = self.spec.forward(self.model, x, coords_t, psl0)
+            return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _cast(self, x: Tensor) -> Tensor:
+        if not self._autocast and self.model is not None and self.dtype != torch.float32:
+            return x.to(self.dtype)
+        return x
+
+    def _output(self, out: Tensor, input_dim: int) -> np.ndarray:
         emb = out.float().cpu().numpy().astype(np.float32, copy=False)
-        expected = self.output_dim(feats.shape[1])
+        expected = self.output_dim(input_dim)
         if emb.shape != (expected,):
             raise SlideEncoderError(
                 f"Slide encoder {self.name!r} produced shape {emb.shape}, expected ({expected},); "

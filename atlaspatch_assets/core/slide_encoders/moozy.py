@@ -169,3 +169,14 @@ def moozy_forward(model: nn.Module | None, features: Tensor, coords: Tensor, pat
     feats, pos = grid_tokens(features, coords, patch_size_level0)
     cls = moozy_slide_cls(model.slide_encoder, feats, pos, patch_size_level0)
     return model.case_transformer(cls.unsqueeze(0))  # a case of one slide -> (d_model,)
+
+
+def moozy_case_forward(model: nn.Module | None, slides: list[tuple[Tensor, Tensor, int]]) -> Tensor:
+    """MOOZY's patient embedding (``moozy.encoding.run_encoding`` on several slides): the case
+    transformer over the slide CLS tokens of all the case's slides."""
+    assert isinstance(model, MoozyModel)
+    tokens = []
+    for features, coords, patch_size_level0 in slides:
+        feats, pos = grid_tokens(features, coords, patch_size_level0)
+        tokens.append(moozy_slide_cls(model.slide_encoder, feats, pos, patch_size_level0))
+    return model.case_transformer(torch.stack(tokens))  # (S, d) -> (d_model,)

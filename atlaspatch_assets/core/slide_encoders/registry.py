@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from ..encoders.registry import suggest
 from .base import SlideEncoderSpec, format_mag
 from .errors import UnknownSlideEncoderError
-from .moozy import build_moozy, moozy_forward
+from .moozy import build_moozy, moozy_case_forward, moozy_forward
 from .pooling import build_pooling, max_forward, mean_forward
 from .prism import build_prism, prism_forward
 from .remote import remote_only_build
@@ -52,10 +52,13 @@ _SPECS = [
     SlideEncoderSpec(
         name="moozy", dim=768, patch_encoder="lunit_vit_small_patch8_dino", patch_size=224,
         target_magnification=20.0, needs_coords=True, library="moozy", build_fn=build_moozy,
-        forward_fn=moozy_forward, input_dim=384, model_id="AtlasAnalyticsLab/MOOZY", weight_files=("moozy.pt",),
+        forward_fn=moozy_forward, case_forward_fn=moozy_case_forward,
+        case_aggregation="MOOZY case transformer over the slides' CLS tokens", input_dim=384,
+        model_id="AtlasAnalyticsLab/MOOZY", weight_files=("moozy.pt",),
         requires=("moozy",), install_hint="pip install --no-deps moozy==0.1.1",
         url="https://huggingface.co/AtlasAnalyticsLab/MOOZY",
-        notes="case embedding of a one-slide case (moozy.encoding.run_encoding); ALiBi attention run in row chunks",
+        notes="slide = case embedding of a one-slide case, patient = case transformer over all its slides "
+        "(moozy.encoding.run_encoding); ALiBi attention run in row chunks",
     ),
     SlideEncoderSpec(
         name="gigapath_slide", dim=768, patch_encoder="prov_gigapath", patch_size=256, target_magnification=20.0,

@@ -10,7 +10,7 @@ named slide-000.svs ...) get `tissue_mask` + `patch_coords` with the assets' def
 - runner (optional, --runner): `runner.run_slides`, one in-process Dagster run per slide (what
   the CLI does).
 - daemon: `dagster-webserver` + `dagster-daemon` on a fresh instance (the repository's
-  dagster.yaml: queued runs, max_concurrent_runs 2, SQLite), the slides registered in the
+  dagster.yaml: queued runs, dequeue every 1 s, max_concurrent_runs 2, SQLite), the slides registered in the
   catalog and added as `slides` partitions beforehand (not timed), then ONE asset backfill of
   both assets launched through GraphQL. `BackfillPolicy.multi_run(ATLASPATCH_BACKFILL_BATCH)`
   (default 25) makes N/25 runs. Timed from the launch mutation to: the last materialization

@@ -34,6 +34,31 @@ def test_definitions_validate(tmp_path: Path) -> None:
     assert "passed validation" in proc.stdout + proc.stderr
 
 
+def test_instance_configs_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dagster.yaml (embedded default) loads as documented; the Postgres template passes the schema."""
+    import shutil
+
+    from dagster._core.instance.config import dagster_instance_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get() as instance:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
+        concurrency = instance.get_concurrency_config()
+        assert concurrency.run_queue_config.max_concurrent_runs == 2
+        assert concurrency.pool_config.default_pool_limit == 1
+        assert instance.run_monitoring_enabled and not instance.telemetry_enabled
+        assert str(instance.root_directory) == str(home)  # SQLite storage under $DAGSTER_HOME
+    pg = tmp_path / "pg"
+    pg.mkdir()
+    shutil.copy(REPO / "resources" / "deploy" / "dagster.postgres.yaml", pg / "dagster.yaml")
+    config, _ = dagster_instance_config(str(pg))
+    assert "postgres" in config["storage"] and config["concurrency"]["runs"]["max_concurrent_runs"] >= 1
+
+
 def test_asset_graph_shape() -> None:
     defs = build_definitions()
     graph = defs.resolve_asset_graph()

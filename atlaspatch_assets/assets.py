@@ -44,6 +44,7 @@ from .core.pipeline import (
     stored_coords_recipe,
     stored_mask_recipe,
 )
+from .core.retry import call_with_retries, is_transient
 from .core.segmentation import SegmentationParams
 from .core.storage import recipe_hash
 from .core.tiling import DEFAULT_MIN_TISSUE_FRACTION
@@ -74,7 +75,8 @@ def backfill_batch_size() -> int:
 
 BATCH_SIZE = backfill_batch_size()  # slides per run in backfills: amortizes process start and imports
 backfill_policy = BackfillPolicy.multi_run(max_partitions_per_run=BATCH_SIZE)
-# Transient I/O errors (network shares, busy files) are retried; SlideError is deterministic.
+# Step-level retry for single-slide runs whose transient I/O errors outlived the in-place retries
+# of core.retry; deterministic slide errors raise Failure(allow_retries=False) and never retry.
 io_retry = RetryPolicy(max_retries=2, delay=2.0, backoff=Backoff.EXPONENTIAL)
 
 T = TypeVar("T")
@@ -129,19 +131,33 @@ class PatchCoordsConfig(Config):
 def _per_slide(
     context: AssetExecutionContext, store: StoreResource, asset_name: str, fn: Callable[[str], T]
 ) -> dict[str, T]:
-    """Run `fn` for every partition of the run; slide errors are isolated (see module doc)."""
+    """Run `fn` for every partition of the run; slide errors are isolated (see module doc).
+
+    Transient I/O errors are retried in place with exponential backoff (core.retry); when they
+    persist, a single-slide run fails with retries allowed (the step's RetryPolicy runs it again),
+    while deterministic slide errors fail at once and are never retried.
+    """
     keys = list(context.partition_keys)
     results: dict[str, T] = {}
     failures: dict[str, str] = {}
+    transient: set[str] = set()
     for key in keys:
         t0 = time.perf_counter()
+
+        def log_retry(n: int, e: BaseException, wait: float, key: str = key) -> None:
+            context.log.warning(f"{key}: transient error, retry {n} in {wait:.1f}s: {type(e).__name__}: {e}")
+
         try:
-            results[key] = fn(key)
+            results[key] = call_with_retries(lambda key=key: fn(key), on_retry=log_retry)
         except SlideError as e:
             e.slide = e.slide or key
             failures[key] = e.one_line()
+            if is_transient(e):
+                transient.add(key)
         except Exception as e:  # unexpected: still one slide's problem, with its type
             failures[key] = SlideError(f"{type(e).__name__}: {e}", slide=key, stage=asset_name).one_line()
+            if is_transient(e):
+                transient.add(key)
         if key in failures:
             context.log.error(f"FAILED {failures[key]}")
             store.catalog.record_event(
@@ -156,7 +172,8 @@ def _per_slide(
             if len(keys) > 1:
                 context.add_asset_metadata({"status": "failed", "error": failures[key]}, partition_key=key)
     if failures and len(keys) == 1:
-        raise Failure(description=next(iter(failures.values())), allow_retries=False)
+        key = next(iter(failures))
+        raise Failure(description=failures[key], allow_retries=key in transient)
     return results
 
 

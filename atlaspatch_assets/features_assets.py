@@ -41,6 +41,7 @@ from .core.features import (
     stored_feature_recipe,
 )
 from .core.pipeline import load_patch_coords
+from .core.retry import call_with_retries, is_transient
 from .partitions import slides_partitions
 from .resources import ComputeResource, SlideSourceResource, StoreResource
 
@@ -176,6 +177,7 @@ def build_features_assets(encoder_names: list[str], registry: Any = None) -> lis
                 context.log.error(failures[n])
         layout = store.layout
         done: dict[str, list[str]] = {n: [] for n in loaded}
+        transient = False  # a slide failed on transient I/O even after the in-place retries
         for slide_id in context.partition_keys:
             t0 = time.perf_counter()
             try:
@@ -191,19 +193,28 @@ def build_features_assets(encoder_names: list[str], registry: Any = None) -> lis
                     context.add_asset_metadata({"reused": True}, asset_key=encoder_key(n), partition_key=slide_id)
                 if not todo:
                     continue
-                with slide_source.open(slide_id) as slide:
-                    results = extract_features(
-                        slide,
-                        slide_id,
-                        coords,
-                        todo,
-                        batch_size=config.batch_size,
-                        reader_threads=config.num_workers,
-                        scaled_decode=config.scaled_decode,
-                        store_dtype=config.store_dtype,
-                    )
-                save_features(layout, list(results.values()))
+
+                def extract_and_save(slide_id: str = slide_id, coords: Any = coords, todo: dict = todo) -> dict:
+                    with slide_source.open(slide_id) as slide:
+                        results = extract_features(
+                            slide,
+                            slide_id,
+                            coords,
+                            todo,
+                            batch_size=config.batch_size,
+                            reader_threads=config.num_workers,
+                            scaled_decode=config.scaled_decode,
+                            store_dtype=config.store_dtype,
+                        )
+                    save_features(layout, list(results.values()))
+                    return results
+
+                def log_retry(n: int, e: BaseException, wait: float, slide_id: str = slide_id) -> None:
+                    context.log.warning(f"{slide_id}: transient error, retry {n} in {wait:.1f}s: {e}")
+
+                results = call_with_retries(extract_and_save, on_retry=log_retry)
             except Exception as e:
+                transient = transient or is_transient(e)
                 reason = e.one_line() if isinstance(e, SlideError) else f"{type(e).__name__}: {e}"
                 reason = " ".join(str(reason).split())
                 for n in loaded:
@@ -259,7 +270,8 @@ def build_features_assets(encoder_names: list[str], registry: Any = None) -> lis
             if n in done and done[n] and (n not in failures or len(context.partition_keys) > 1):
                 yield MaterializeResult(asset_key=encoder_key(n))
         if failures and (len(context.partition_keys) == 1 or len(failures) == len(selected)):
-            raise Failure(description="; ".join(failures.values()), allow_retries=False)
+            single = len(context.partition_keys) == 1
+            raise Failure(description="; ".join(failures.values()), allow_retries=single and transient)
 
     return [patch_features, *[_features_check(n) for n in names]]
 

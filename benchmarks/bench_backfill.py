@@ -39,7 +39,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -279,36 +278,15 @@ class Stack:
         return body["data"]
 
     def record(self) -> None:
-        import psutil
+        from atlaspatch_assets.process_tree import record_descendants
 
-        for p in self.procs.values():
-            with contextlib.suppress(psutil.Error):
-                for c in psutil.Process(p.pid).children(recursive=True):
-                    self.seen.setdefault(c.pid, c)
+        record_descendants(self.procs.values(), self.seen)
 
     def stop(self) -> None:
         """SIGTERM to each process group and every descendant seen, then SIGKILL by PID."""
-        import psutil
+        from atlaspatch_assets.process_tree import stop_process_groups
 
-        self.record()
-        targets = list(self.seen.values())
-        for p in self.procs.values():
-            with contextlib.suppress(psutil.Error):
-                targets.append(psutil.Process(p.pid))
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for t in targets:
-            with contextlib.suppress(psutil.Error):
-                t.terminate()
-        _, alive = psutil.wait_procs(targets, timeout=45)
-        for t in alive:
-            with contextlib.suppress(psutil.Error):
-                t.kill()
-        for p in self.procs.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=15)
+        stop_process_groups(self.procs.values(), self.seen)
 
 
 def run_daemon(variant: str, slides: dict[str, str], batch: int, keep: bool) -> dict[str, Any]:

@@ -7,7 +7,9 @@ Every read returns RGB uint8 with transparent/absent areas composited onto white
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ import numpy as np
 
 from .errors import ReadError, SlideOpenError
 from .mpp import MppResolution, resolve_mpp
+
+OPENSLIDE_DEFAULT_CACHE = 32 << 20  # bytes; OpenSlide's own default per handle
 
 OPENSLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".dcm")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
@@ -121,17 +125,36 @@ class Slide:
             out[y0:y1, x0:x1] = to_rgb(arr)
         return out
 
-    def read_thumbnail(self, target_mpp: float, strip_bytes: int = 8 << 20) -> tuple[np.ndarray, float, float]:
+    def read_thumbnail(self, target_mpp: float, strip_bytes: int = 2 << 20) -> tuple[np.ndarray, float, float]:
         """Whole-slide image at ~`target_mpp` µm/px, read from the best pyramid level in strips.
 
         Returns (rgb, downsample_x, downsample_y) with downsample = level-0 px per thumbnail px.
         Each strip is area-resized across; each of its rows is then split between the (at most
         two) thumbnail rows it overlaps with exact area weights, so the result does not depend on
         where strips break. Memory: one strip (`strip_bytes` of RGBA at the level) + the uint8
-        thumbnail.
+        thumbnail. OpenSlide's tile cache is shrunk meanwhile: each tile is read once here, and its
+        default 32 MiB would otherwise be most of the peak on big slides.
         """
         if not self.info.mpp:
             raise ReadError("thumbnail needs an MPP")
+        with self._small_tile_cache():
+            return self._read_thumbnail(target_mpp, strip_bytes)
+
+    @contextlib.contextmanager
+    def _small_tile_cache(self, capacity: int = 4 << 20) -> Iterator[None]:
+        set_cache = getattr(self._h, "set_cache", None)  # OpenSlide >= 4 only
+        if set_cache is None:
+            yield
+            return
+        import openslide
+
+        set_cache(openslide.OpenSlideCache(capacity))
+        try:
+            yield
+        finally:
+            set_cache(openslide.OpenSlideCache(OPENSLIDE_DEFAULT_CACHE))
+
+    def _read_thumbnail(self, target_mpp: float, strip_bytes: int) -> tuple[np.ndarray, float, float]:
         want_ds = max(1.0, target_mpp / self.info.mpp)
         W, H = self.info.width, self.info.height
         tw, th = max(1, round(W / want_ds)), max(1, round(H / want_ds))

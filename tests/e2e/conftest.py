@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 import requests
+
+from atlaspatch_assets.process_tree import record_descendants, stop_process_groups
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -170,41 +171,11 @@ class DagsterStack:
         return all(statuses.get(t, {}).get("healthy") for t in need)
 
     def record_descendants(self) -> None:
-        for p in self.procs.values():
-            with contextlib.suppress(psutil.Error):
-                for c in psutil.Process(p.pid).children(recursive=True):
-                    self.seen.setdefault(c.pid, c)
+        record_descendants(self.procs.values(), self.seen)
 
     def stop(self) -> list[str]:
         """SIGTERM every group and recorded descendant, wait, SIGKILL by PID; returns survivors."""
-        self.record_descendants()
-        targets: list[psutil.Process] = list(self.seen.values())
-        for p in self.procs.values():
-            with contextlib.suppress(psutil.Error):
-                targets.append(psutil.Process(p.pid))
-        for p in self.procs.values():  # the whole group: SIGTERM lets the daemon stop its threads
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for t in targets:
-            with contextlib.suppress(psutil.Error):
-                t.terminate()
-        _, alive = psutil.wait_procs(targets, timeout=45)
-        for t in alive:
-            with contextlib.suppress(psutil.Error):
-                t.kill()
-        for p in self.procs.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=15)
-        for p in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=15)
-        survivors = []
-        for t in targets:
-            with contextlib.suppress(psutil.Error):
-                if t.is_running() and t.status() != psutil.STATUS_ZOMBIE:
-                    survivors.append(f"{t.pid} {' '.join(t.cmdline())[:120]}")
-        return survivors
+        return stop_process_groups(self.procs.values(), self.seen)
 
     def diagnostics(self, lines: int = 40) -> str:
         out = []

@@ -84,6 +84,7 @@ T = TypeVar("T")
 
 class TissueMaskConfig(Config):
     method: str = Field("otsu", description="otsu (classical, no weights) or sam2")
+    modality: str = Field("auto", description="otsu: auto, brightfield or fluorescence (dark background)")
     tissue_thresh: float = Field(0.01, description="Min tissue region area, fraction of the thumbnail")
     min_hole_area_um2: float = Field(20_000.0, description="Holes smaller than this (µm²) are filled")
     mask_mpp: float = Field(8.0, description="Thumbnail resolution of the mask (µm/px)")
@@ -96,6 +97,7 @@ class TissueMaskConfig(Config):
     def params(self, device: str) -> SegmentationParams:
         return SegmentationParams(
             method=self.method,
+            modality=self.modality,
             tissue_thresh=self.tissue_thresh,
             min_hole_area_um2=self.min_hole_area_um2,
             mask_mpp=self.mask_mpp,
@@ -244,6 +246,7 @@ def tissue_mask(
                 "mask_mpp": round(result.thumb_mpp, 3),
                 "slide_mpp": result.info.mpp if result.info else layout.store(slide_id).attrs().get("mpp"),
                 "method": params.method,
+                "modality": result.modality,
                 "recipe_hash": result.recipe_hash,
                 "reused": result.reused,
                 "seconds": round(result.seconds, 3),

@@ -44,6 +44,13 @@ def _common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Tissue segmentation: classical (no weights) or SAM2 (local checkpoint)",
         ),
         click.option(
+            "--modality",
+            type=click.Choice(["auto", "brightfield", "fluorescence"]),
+            default="auto",
+            show_default=True,
+            help="Stain modality for --seg-method otsu: fluorescence = dark background (auto-detected)",
+        ),
+        click.option(
             "--sam2-checkpoint",
             type=click.Path(),
             default=None,
@@ -314,6 +321,7 @@ def _run(kw: dict[str, Any], assets: tuple[str, ...]) -> None:
 
     tissue_cfg = {
         "method": kw["seg_method"],
+        "modality": kw["modality"],
         "tissue_thresh": kw["tissue_thresh"],
         "sam2_checkpoint": os.path.abspath(kw["sam2_checkpoint"]) if kw["sam2_checkpoint"] else "",
         "seg_batch_size": kw["seg_batch_size"],

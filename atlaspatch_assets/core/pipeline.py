@@ -25,6 +25,7 @@ from .errors import MissingMppError, SlideError
 from .geometry import PatchGeometry, compute_geometry, run_folder_name, target_mpp_from
 from .patches import read_patches
 from .segmentation import SegmentationParams, TissueMask, mask_to_polygons, segment_tissue
+from .segmentation.modality import resolve_modality
 from .slide import Slide, SlideInfo
 from .storage import DatasetWrite, SlideStore, recipe_hash, write_file_atomic
 from .tiling import DEFAULT_MIN_TISSUE_FRACTION, is_background, tile
@@ -99,6 +100,7 @@ class MaskResult:
     info: SlideInfo | None = None
     visualize_mask: bool = False
     visualize_contours: bool = False
+    modality: str = ""  # brightfield / fluorescence as segmented ("" for masks stored before)
 
     @property
     def tissue_fraction(self) -> float:
@@ -121,6 +123,7 @@ def compute_tissue_mask(slide: Slide, slide_id: str, params: SegmentationParams)
     t0 = time.perf_counter()
     thumb, dx, dy = slide.read_thumbnail(params.mask_mpp)
     thumb_mpp = slide.info.mpp * (dx + dy) / 2
+    modality = resolve_modality(thumb, params.modality)
     tm: TissueMask = segment_tissue(thumb, thumb_mpp, params)
     recipe = mask_recipe(params)
     return MaskResult(
@@ -134,6 +137,7 @@ def compute_tissue_mask(slide: Slide, slide_id: str, params: SegmentationParams)
         seconds=time.perf_counter() - t0,
         thumbnail=thumb,
         info=slide.info,
+        modality=modality,
     )
 
 
@@ -150,6 +154,7 @@ def save_tissue_mask(layout: RunLayout, result: MaskResult) -> None:
         "parameters": result.params,
         "recipe_hash": result.recipe_hash,
         "tissue_fraction": result.tissue_fraction,
+        "modality": result.modality,
     }
     datasets = {MASK: DatasetWrite(result.mask, attrs, compression="gzip")}
     if result.thumbnail is not None:
@@ -204,6 +209,7 @@ def load_tissue_mask(layout: RunLayout, slide_id: str) -> MaskResult:
         recipe_hash=str(attrs.get("recipe_hash", "")),
         thumbnail=thumbnail,
         reused=True,
+        modality=str(attrs.get("modality", "")),
     )
 
 

@@ -24,6 +24,7 @@ class SegmentationParams:
     close_um: float = 32.0  # otsu: morphological closing kernel (physical)
     sat_floor: int = 12  # otsu: saturation below this is never tissue (glass/white)
     sat_ceiling: int = 30  # otsu: saturation above this is always tissue
+    modality: str = "auto"  # otsu: brightfield / fluorescence (dark background), auto-detected
     sam2_checkpoint: str | None = None  # sam2: local .pt checkpoint (required)
     sam2_config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
     sam2_thumbnail: int = 1024  # sam2: side of the square input
@@ -39,7 +40,7 @@ class SegmentationParams:
             for k in ("sam2_checkpoint", "sam2_config", "sam2_thumbnail"):
                 d.pop(k)
         else:
-            for k in ("median_blur_um", "close_um", "sat_floor", "sat_ceiling"):
+            for k in ("median_blur_um", "close_um", "sat_floor", "sat_ceiling", "modality"):
                 d.pop(k)
         return d
 

@@ -63,3 +63,17 @@ def test_stored_mask_records_the_modality_and_the_recipe_the_request(tmp_path: P
         attrs = dict(f["tissue/mask"].attrs)
     assert attrs["modality"] == "fluorescence"  # what was detected
     assert result.params["modality"] == "auto"  # the recipe keeps what was asked: stable skip-existing
+
+
+def test_no_fast_mode_keeps_dapi_tissue_patches(tmp_path: Path) -> None:
+    """The brightfield white/black filter would drop DAPI tissue (black between nuclei): skipped."""
+    from atlaspatch_assets.core.pipeline import CoordsParams, compute_patch_coords
+
+    layout = RunLayout.create(tmp_path, 256, target_mag=20)
+    with open_slide(NDPI) as slide:
+        mask = compute_tissue_mask(slide, "ndpi", SegmentationParams())
+        fast = compute_patch_coords(slide, "ndpi", layout, mask, CoordsParams(fast_mode=True))
+        slow = compute_patch_coords(slide, "ndpi", layout, mask, CoordsParams(fast_mode=False))
+    assert len(fast.coords) > 0
+    np.testing.assert_array_equal(slow.coords, fast.coords)
+    assert any("fluorescence" in w for w in slow.warnings)

@@ -295,10 +295,15 @@ def compute_patch_coords(
     warnings: list[str] = []
     dropped = 0
     images: dict[str, bytes] | None = {} if params.save_images else None
-    if len(coords) and (not params.fast_mode or params.save_images):
+    # The white/black content filter is a brightfield rule: on fluorescence the dark pixels
+    # between nuclei are tissue, and the mask already separated the black background.
+    content_filter = not params.fast_mode and mask.modality != "fluorescence"
+    if not params.fast_mode and not content_filter:
+        warnings.append("white/black content filter skipped on a fluorescence slide")
+    if len(coords) and (content_filter or params.save_images):
         keep = np.ones(len(coords), bool)
         for i, patch in read_patches(slide, g, coords, workers=params.patch_workers):
-            if not params.fast_mode and is_background(patch, params.white_thresh, params.black_thresh):
+            if content_filter and is_background(patch, params.white_thresh, params.black_thresh):
                 keep[i] = False
             elif images is not None:
                 x, y = coords[i]

@@ -106,7 +106,7 @@ def build_definitions(
                 )
             )
     sensor_job = SEGMENT_AND_COORDS
-    sensor_encoders = [n for n in sensor_default_encoders() if features_available()]
+    sensor_encoders = sensor_default_encoders() if features_available() else []  # no torch: no features
     if sensor_encoders:
         from .features_assets import encoder_key
 

@@ -221,3 +221,21 @@ def test_runs_are_recorded_in_the_dagster_home_instance(tmp_path: Path) -> None:
     part, n = lines[1].split()
     with h5py.File(tmp_path / "out" / RUN / "patches" / "CMU-1-Small-Region.h5") as f:
         assert part == "CMU-1-Small-Region" and int(n) == f.attrs["num_patches"]
+
+
+def test_runtime_install_without_torch_runs_the_main_job(tmp_path: Path) -> None:
+    """`make demo` installs no torch: the code location and the CLI must work without it."""
+    code = (
+        "import sys; sys.modules['torch'] = None  # as if torch were not installed\n"
+        "from atlaspatch_assets.definitions import defs\n"
+        "keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}\n"
+        "assert {'tissue_mask', 'patch_coords'} <= keys and not any(k.startswith('features/') for k in keys), keys\n"
+        "from atlaspatch_assets.cli import main\n"
+        f"main(['segment-and-get-coords', {str(CMU)!r}, '-o', {str(tmp_path)!r}, "
+        "'--patch-size', '256', '--target-mag', '20'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with h5py.File(tmp_path / "20x_256px_0px_overlap" / "patches" / "CMU-1-Small-Region.h5") as f:
+        assert len(f["coords"]) > 0

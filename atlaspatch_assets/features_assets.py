@@ -194,7 +194,12 @@ def build_features_assets(encoder_names: list[str], registry: Any = None) -> lis
                 if not todo:
                     continue
 
-                def extract_and_save(slide_id: str = slide_id, coords: Any = coords, todo: dict = todo) -> dict:
+                enc_errors: dict[str, str] = {}  # encoder -> reason: that encoder fails, the others go on
+
+                def extract_and_save(
+                    slide_id: str = slide_id, coords: Any = coords, todo: dict = todo, enc_errors: dict = enc_errors
+                ) -> dict:
+                    enc_errors.clear()
                     with slide_source.open(slide_id) as slide:
                         results = extract_features(
                             slide,
@@ -205,6 +210,7 @@ def build_features_assets(encoder_names: list[str], registry: Any = None) -> lis
                             reader_threads=config.num_workers,
                             scaled_decode=config.scaled_decode,
                             store_dtype=config.store_dtype,
+                            errors=enc_errors,
                         )
                     save_features(layout, list(results.values()))
                     return results
@@ -213,6 +219,17 @@ def build_features_assets(encoder_names: list[str], registry: Any = None) -> lis
                     context.log.warning(f"{slide_id}: transient error, retry {n} in {wait:.1f}s: {e}")
 
                 results = call_with_retries(extract_and_save, on_retry=log_retry)
+                for n, reason in enc_errors.items():
+                    failures.setdefault(n, f"{slide_id}: {reason}")
+                    context.log.error(f"FAILED {slide_id}: {reason}")
+                    store.catalog.record_event(
+                        slide_id=slide_id,
+                        asset=f"features/{n}",
+                        status="failed",
+                        error=reason,
+                        seconds=time.perf_counter() - t0,
+                        run_id=context.run.run_id,
+                    )
             except Exception as e:
                 transient = transient or is_transient(e)
                 reason = e.one_line() if isinstance(e, SlideError) else f"{type(e).__name__}: {e}"
@@ -242,6 +259,7 @@ def build_features_assets(encoder_names: list[str], registry: Any = None) -> lis
                         "precision": r.attrs["precision"],
                         "weights_sha256": r.attrs["weights_sha256"] or "none",
                         "reader": r.attrs["reader_path"],
+                        "batch_size": r.extra["batch_size"],
                         "recipe_hash": r.recipe_hash,
                         "store": MetadataValue.path(str(layout.store(slide_id).path)),
                     },

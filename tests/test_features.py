@@ -241,3 +241,52 @@ def test_tiles_failing_mid_slide_store_nothing_partial(tmp_path: Path) -> None:
     with h5py.File(h5) as f:
         assert "features/efficientnet_lite0" not in f
         np.testing.assert_array_equal(f["features/mobilenet_v2"][()], before)
+
+
+MEMORY_LIMITED_PLUGIN = """
+import torch
+from atlaspatch_assets.core.encoders import register_custom_encoder
+
+class MemoryLimited(torch.nn.Module):
+    '''Like a big model on a small GPU: batches above `fits` patches run out of memory.'''
+
+    def __init__(self, fits):
+        super().__init__()
+        self.fits = fits
+        torch.manual_seed(0)  # the same weights in every run
+        self.proj = torch.nn.Linear(3, 8)
+
+    def forward(self, x):
+        if x.shape[0] > self.fits:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} GiB")
+        return self.proj(x.mean(dim=(2, 3)))
+
+def register_feature_extractors(registry, device, dtype, num_workers):
+    register_custom_encoder(registry=registry, name="fits_3", embedding_dim=8,
+                            loader=lambda device, dtype: MemoryLimited(3), input_size=64)
+    register_custom_encoder(registry=registry, name="fits_0", embedding_dim=8,
+                            loader=lambda device, dtype: MemoryLimited(0), input_size=64)
+"""
+
+
+def test_out_of_memory_batches_are_split_and_a_hopeless_encoder_fails_alone(tmp_path: Path, cmu_dir: Path) -> None:
+    plugin = tmp_path / "memory_limited.py"
+    plugin.write_text(MEMORY_LIMITED_PLUGIN)
+    out = tmp_path / "out"
+    args = ["--feature-plugin", str(plugin), "--feature-batch-size", "16"]
+    code, text = _process(cmu_dir, out, "--feature-extractors", "fits_3,fits_0,mobilenet_v2", *args)
+    assert code == 1 and "fits_0" in text and "out of memory" in text and "1 patch per batch" in text
+    with h5py.File(out / RUN / "patches" / "CMU-1-Small-Region.h5") as f:
+        n = f["coords"].shape[0]
+        assert n > 16  # several reader batches, each split until 3 patches fit
+        assert f["features/fits_3"].shape == (n, 8) and np.isfinite(f["features/fits_3"][()]).all()
+        assert f["features/mobilenet_v2"].shape[0] == n  # the same pass, unaffected
+        assert "features/fits_0" not in f  # nothing partial
+        smaller = f["features/fits_3"][()]
+    # the split batches give the features of one patch at a time
+    code, text = _process(
+        cmu_dir, tmp_path / "one", "--feature-extractors", "fits_3", *args[:2], "--feature-batch-size", "1"
+    )
+    assert code == 0, text
+    with h5py.File(tmp_path / "one" / RUN / "patches" / "CMU-1-Small-Region.h5") as f:
+        np.testing.assert_allclose(f["features/fits_3"][()], smaller, rtol=1e-5, atol=1e-6)

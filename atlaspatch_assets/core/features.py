@@ -71,6 +71,45 @@ def stored_feature_recipe(layout: RunLayout, slide_id: str, encoder: str) -> str
     return layout.store(slide_id).dataset_attrs(feature_path(encoder)).get("recipe_hash") or None
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS/CPU allocation failures (torch raises OutOfMemoryError or RuntimeError)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def encode_in_chunks(enc: Encoder, pixels: Any, limit: int) -> tuple[np.ndarray, int]:
+    """Features of `pixels`, at most `limit` patches per forward; on out-of-memory the limit halves
+    and the chunk is retried. Returns (features, the limit that worked)."""
+    parts = []
+    i = 0
+    while i < len(pixels):
+        chunk = pixels[i : i + limit]
+        try:
+            parts.append(enc(chunk))
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            _free_accelerator_memory()
+            if limit == 1:
+                raise FeatureError(
+                    f"encoder {enc.name} ran out of memory on {enc.device} with 1 patch per batch; "
+                    "use a device with more memory or a lower --feature-precision"
+                ) from e
+            limit = max(1, limit // 2)
+            continue
+        i += len(chunk)
+    return (np.concatenate(parts) if len(parts) > 1 else parts[0]), limit
+
+
 def extract_features(
     slide: Slide,
     slide_id: str,
@@ -82,13 +121,22 @@ def extract_features(
     prefetch: int = 2,
     scaled_decode: bool = False,
     store_dtype: str = "float32",
+    errors: dict[str, str] | None = None,
 ) -> dict[str, FeatureResult]:
-    """Read each patch once and run every encoder on it; returns one result per encoder."""
+    """Read each patch once and run every encoder on it; returns one result per encoder.
+
+    A batch that runs out of memory is split in halves (down to one patch) and later batches
+    keep the size that worked. With `errors` given, an encoder that fails is dropped with its
+    one-line reason in `errors[name]` while the others go on; without it the first encoder
+    error is raised. Reader errors (undecodable tiles) always raise: they concern every encoder.
+    """
     if not encoders:
         return {}
     n = coords.num_patches
     dtype = np.float16 if store_dtype == "float16" else np.float32
+    active = dict(encoders)
     outs = {name: np.empty((n, enc.dim), dtype) for name, enc in encoders.items()}
+    limits = dict.fromkeys(encoders, max(1, batch_size))
     model_s = dict.fromkeys(encoders, 0.0)
     t0 = time.perf_counter()
     reader_info: dict[str, Any] = {}
@@ -102,19 +150,29 @@ def extract_features(
             slide=slide,
         ) as reader:
             for idx, pixels in reader.iter_batches(coords.coords, batch_size):
-                for name, enc in encoders.items():
+                for name, enc in list(active.items()):
                     t = time.perf_counter()
-                    feats = enc(pixels)
-                    if feats.shape != (len(idx), enc.dim) or not np.isfinite(feats).all():
-                        bad = "non-finite values" if feats.shape == (len(idx), enc.dim) else f"shape {feats.shape}"
-                        raise FeatureError(f"encoder {name} returned {bad} (expected ({len(idx)}, {enc.dim}))")
+                    try:
+                        feats, limits[name] = encode_in_chunks(enc, pixels, limits[name])
+                        if feats.shape != (len(idx), enc.dim) or not np.isfinite(feats).all():
+                            bad = "non-finite values" if feats.shape == (len(idx), enc.dim) else f"shape {feats.shape}"
+                            raise FeatureError(f"encoder {name} returned {bad} (expected ({len(idx)}, {enc.dim}))")
+                    except Exception as e:
+                        if errors is None:
+                            raise
+                        reason = e.reason if isinstance(e, SlideError) else f"{type(e).__name__}: {e}"
+                        errors[name] = " ".join(f"[features/{name}] {reason}".split())
+                        del active[name], outs[name]
+                        continue
                     outs[name][idx] = feats
                     model_s[name] += time.perf_counter() - t
+                if not active:
+                    break
             reader_info = reader.describe()
     total = time.perf_counter() - t0
     read_s = max(0.0, total - sum(model_s.values()))
     results: dict[str, FeatureResult] = {}
-    for name, enc in encoders.items():
+    for name, enc in active.items():
         recipe = feature_recipe(enc, coords.recipe_hash, scaled_decode, store_dtype)
         attrs = {
             **enc.attrs(),
@@ -134,7 +192,12 @@ def extract_features(
             recipe_hash=attrs["recipe_hash"],
             seconds=model_s[name] + read_s / len(encoders),
             read_seconds=read_s,
-            extra={"model_seconds": model_s[name], "reader": reader_info, "wall_seconds": total},
+            extra={
+                "model_seconds": model_s[name],
+                "reader": reader_info,
+                "wall_seconds": total,
+                "batch_size": limits[name],  # lower than asked when batches ran out of memory
+            },
         )
     return results
 

@@ -176,6 +176,19 @@ def build_features_assets(encoder_names: list[str], registry: Any = None) -> lis
                 failures[n] = f"[features/{n}] {' '.join(str(e).split())}"
                 context.log.error(failures[n])
         layout = store.layout
+
+        def record_failure(slide_id: str, name: str, summary: str, error: str, t0: float) -> None:
+            """features/<name> failed for this slide: run summary (first failure per encoder) + catalog."""
+            failures.setdefault(name, f"{slide_id}: {summary}")
+            store.catalog.record_event(
+                slide_id=slide_id,
+                asset=f"features/{name}",
+                status="failed",
+                error=error,
+                seconds=time.perf_counter() - t0,
+                run_id=context.run.run_id,
+            )
+
         done: dict[str, list[str]] = {n: [] for n in loaded}
         transient = False  # a slide failed on transient I/O even after the in-place retries
         for slide_id in context.partition_keys:
@@ -220,30 +233,14 @@ def build_features_assets(encoder_names: list[str], registry: Any = None) -> lis
 
                 results = call_with_retries(extract_and_save, on_retry=log_retry)
                 for n, reason in enc_errors.items():
-                    failures.setdefault(n, f"{slide_id}: {reason}")
                     context.log.error(f"FAILED {slide_id}: {reason}")
-                    store.catalog.record_event(
-                        slide_id=slide_id,
-                        asset=f"features/{n}",
-                        status="failed",
-                        error=reason,
-                        seconds=time.perf_counter() - t0,
-                        run_id=context.run.run_id,
-                    )
+                    record_failure(slide_id, n, reason, reason, t0)
             except Exception as e:
                 transient = transient or is_transient(e)
                 reason = e.one_line() if isinstance(e, SlideError) else f"{type(e).__name__}: {e}"
                 reason = " ".join(str(reason).split())
                 for n in loaded:
-                    failures.setdefault(n, f"{slide_id}: [features/{n}] {reason}")
-                    store.catalog.record_event(
-                        slide_id=slide_id,
-                        asset=f"features/{n}",
-                        status="failed",
-                        error=reason,
-                        seconds=time.perf_counter() - t0,
-                        run_id=context.run.run_id,
-                    )
+                    record_failure(slide_id, n, f"[features/{n}] {reason}", reason, t0)
                 context.log.error(f"FAILED {slide_id}: {reason}")
                 continue
             for n, r in results.items():

@@ -2,40 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import cv2
 import numpy as np
 from shapely.geometry import MultiPolygon, Polygon
+
+from ..params import param, recipe_of
 
 REFERENCE_AREA_PX = 1024 * 1024  # --tissue-thresh is a fraction of this many mask pixels
 
 
 @dataclass(frozen=True)
 class SegmentationParams:
-    method: str = "otsu"  # "otsu" (classical, no weights) or "sam2"
+    """How the tissue mask is computed (the segmentation part of the tissue_mask stage)."""
+
+    SECTION: ClassVar[str] = "tissue_mask"
+
+    method: str = param(
+        "otsu",
+        "Tissue segmentation: otsu (classical, no weights) or sam2 (local checkpoint)",
+        choices=("otsu", "sam2"),
+        cli="seg-method",
+    )
     # Min tissue region area as a fraction of the thumbnail, as in the seed, but the thumbnail
     # counts as at most 1024×1024 px at `mask_mpp`: on large slides the limit stays physical
     # (0.01 at 8 µm/px ≈ 0.67 mm²) instead of growing with the slide and erasing small biopsies.
-    tissue_thresh: float = 0.01
-    min_hole_area_um2: float = 20_000.0  # holes smaller than this are filled (0.02 mm²)
-    mask_mpp: float = 8.0  # physical resolution of the thumbnail the mask is computed on
-    median_blur_um: float = 56.0  # otsu: median filter size (physical)
-    close_um: float = 32.0  # otsu: morphological closing kernel (physical)
-    sat_floor: int = 12  # otsu: saturation below this is never tissue (glass/white)
-    sat_ceiling: int = 30  # otsu: saturation above this is always tissue
-    modality: str = "auto"  # otsu: brightfield / fluorescence (dark background), auto-detected
-    sam2_checkpoint: str | None = None  # sam2: local .pt checkpoint (required)
-    sam2_config: str = "configs/sam2.1/sam2.1_hiera_t.yaml"
-    sam2_thumbnail: int = 1024  # sam2: side of the square input
-    device: str = "cpu"
-    extra: dict = field(default_factory=dict)
+    tissue_thresh: float = param(0.01, "Minimum tissue region area, fraction of the thumbnail (0-1)", ge=0, le=1)
+    min_hole_area_um2: float = param(20_000.0, "Holes smaller than this (µm²) are filled", ge=0, cli="")
+    mask_mpp: float = param(8.0, "Thumbnail resolution the mask is computed on (µm/px)", gt=0, cli="")
+    median_blur_um: float = param(56.0, "otsu: median filter size (µm)", ge=0, cli="")
+    close_um: float = param(32.0, "otsu: morphological closing kernel (µm)", ge=0, cli="")
+    sat_floor: int = param(12, "otsu: saturation below this is never tissue (glass)", ge=0, le=255, cli="")
+    sat_ceiling: int = param(30, "otsu: saturation above this is always tissue", ge=0, le=255, cli="")
+    modality: str = param(
+        "auto",
+        "Stain modality for otsu: fluorescence = dark background (auto-detected)",
+        choices=("auto", "brightfield", "fluorescence"),
+    )
+    sam2_checkpoint: str | None = param(None, "Local SAM2.1 hiera-tiny checkpoint (.pt) for sam2; never downloaded")
+    sam2_config: str = param("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2: model config inside the sam2 package", cli="")
+    sam2_thumbnail: int = param(1024, "sam2: side of the square input (px)", gt=0, cli="")
+    device: str = param("cpu", "Segmentation device (cpu, cuda, cuda:<i>)", recipe=False, cli="")
 
     def recipe(self) -> dict:
-        """Parameters that change the mask (device/checkpoint path excluded where irrelevant)."""
-        d = asdict(self)
-        d.pop("device")
-        d.pop("extra")
+        """Parameters that change the mask (the other method's parameters excluded)."""
+        d = recipe_of(self)
         if self.method != "sam2":
             for k in ("sam2_checkpoint", "sam2_config", "sam2_thumbnail"):
                 d.pop(k)

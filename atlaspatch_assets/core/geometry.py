@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import GeometryError, MissingMppError, UsageError
+from .params import ref
 from .slide import SlideInfo, best_level
 
 # A target finer than native by more than this is refused (we never upsample).
@@ -39,7 +40,7 @@ def target_mpp_from(target_mag: float | None, target_mpp: float | None) -> tuple
         return float(target_mpp), round(10.0 / float(target_mpp), 4)
     if target_mag is not None and target_mag > 0:
         return 10.0 / float(target_mag), float(target_mag)
-    raise UsageError("give --target-mag (e.g. 20) or --target-mpp (e.g. 0.5)")
+    raise UsageError(f"give {ref('store', 'target_mag')} (e.g. 20) or {ref('store', 'target_mpp')} (e.g. 0.5)")
 
 
 def run_folder_name(target_magnification: float, patch_size: int, step_size: int) -> str:
@@ -56,18 +57,18 @@ def compute_geometry(
     target_mpp: float | None = None,
 ) -> PatchGeometry:
     if patch_size <= 0:
-        raise UsageError("--patch-size must be positive")
+        raise UsageError(f"{ref('store', 'patch_size')} must be positive")
     step = int(step_size or patch_size)
     if step <= 0:
-        raise UsageError("--step-size must be positive")
+        raise UsageError(f"{ref('store', 'step_size')} must be positive")
     t_mpp, t_mag = target_mpp_from(target_mag, target_mpp)
     if not info.mpp:
-        raise MissingMppError(info.mpp_problem or "no MPP; give it with --mpp-csv")
+        raise MissingMppError(info.mpp_problem or f"no MPP; give it with {ref('slide_source', 'mpp_csv')}")
     if t_mpp < info.mpp * (1 - UPSAMPLE_TOLERANCE):
         native = 10.0 / info.mpp
         raise GeometryError(
             f"target {t_mag:g}x ({t_mpp:.4g} µm/px) is finer than the slide's native "
-            f"{native:.3g}x ({info.mpp:.4g} µm/px); choose --target-mag <= {native:.3g}"
+            f"{native:.3g}x ({info.mpp:.4g} µm/px); choose {ref('store', 'target_mag')} <= {native:.3g}"
         )
     ds = max(1.0, t_mpp / info.mpp)
     ps0 = max(1, round(patch_size * t_mpp / info.mpp))

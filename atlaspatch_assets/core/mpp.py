@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .params import ref
 
 MPP_MIN, MPP_MAX = 0.05, 20.0
 _UNIT_TO_UM = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
@@ -87,7 +88,7 @@ def resolve_mpp(
         problem = f"no plausible MPP ({', '.join(rejected)} outside {MPP_MIN}-{MPP_MAX})"
     else:
         problem = "no MPP in the slide metadata"
-    return MppResolution(None, None, objective, problem + "; give it with --mpp-csv (columns wsi,mpp)")
+    return MppResolution(None, None, objective, problem + f"; give it with {ref('slide_source', 'mpp_csv')} (columns wsi,mpp)")
 
 
 def load_mpp_csv(path: str | Path) -> dict[str, float]:

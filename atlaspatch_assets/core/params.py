@@ -14,10 +14,12 @@ run-config field (`slide_source.mpp_csv`); unrendered text shows `section.field`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any
 
@@ -171,3 +173,17 @@ def render_refs(text: str, render: Renderer | None = None) -> str:
     if "{{" not in text:
         return text
     return _REF.sub(lambda m: render(m[1], m[2]) if render else f"{m[1]}.{m[2]}", text)
+
+
+def recipe_hash(recipe: Mapping[str, Any]) -> str:
+    """Stable short hash of a JSON-able recipe (geometry + parameters)."""
+    blob = json.dumps(recipe, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def split_names(value: str | Iterable[str] | None) -> list[str]:
+    """Names from `a,b c` strings (or several of them), in order, without duplicates."""
+    if value is None:
+        return []
+    parts = [value] if isinstance(value, str) else list(value)
+    return list(dict.fromkeys(n for p in parts for n in re.split(r"[,\s]+", p) if n))

@@ -10,7 +10,13 @@ from .errors import (
     WeightsLoadError,
     WeightsNotFoundError,
 )
-from .plugins import ENTRY_POINT_GROUP, load_entry_point_plugins, load_plugin_file, register_custom_encoder
+from .plugins import (
+    ENTRY_POINT_GROUP,
+    encoder_registry,
+    load_entry_point_plugins,
+    load_plugin_file,
+    register_custom_encoder,
+)
 from .registry import BUILTIN_ENCODERS, ENCODERS, EncoderRegistry, get_encoder_spec
 from .weights import WEIGHTS_DIR_ENV, ResolvedWeights, file_sha256, resolve_weights
 
@@ -35,6 +41,7 @@ __all__ = [
     "WEIGHTS_DIR_ENV",
     "WeightsLoadError",
     "WeightsNotFoundError",
+    "encoder_registry",
     "file_sha256",
     "get_encoder_spec",
     "load_entry_point_plugins",

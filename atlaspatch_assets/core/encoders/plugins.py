@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..registry import cached_registry
 from .base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, validate_spec
 from .errors import PluginError
 from .registry import ENCODERS, EncoderRegistry
@@ -168,3 +169,17 @@ def register_custom_encoder(
         needs_weights=False,
     )
     return registry.register(spec, replace=replace)
+
+
+@cached_registry
+def encoder_registry(plugin_files: tuple[str, ...] = ()) -> EncoderRegistry:
+    """Built-ins + every installed `atlaspatch.encoders` entry point + these plugin files.
+
+    Built once per process for each set of plugin files: the CLI, the Dagster assets and
+    `atlaspatch info` share it, so an installed plugin's encoder is known everywhere.
+    """
+    reg = ENCODERS.copy()
+    load_entry_point_plugins(reg)
+    for path in plugin_files:
+        load_plugin_file(path, reg)
+    return reg

@@ -7,15 +7,15 @@ encoder is built.
 
 from __future__ import annotations
 
-import difflib
 import importlib.resources
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from ..registry import Registry
 from .base import CLIP_MEAN, CLIP_STD, HALF, EncoderSpec, validate_spec
 from .custom import (
     conch_v15_arch,
@@ -36,53 +36,28 @@ TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
 OPENCLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-class EncoderRegistry(Mapping[str, EncoderSpec]):
+class EncoderRegistry(Registry[EncoderSpec]):
     """Name -> :class:`EncoderSpec`. Built-ins and plugin encoders are ordinary entries."""
 
-    def __init__(self, specs: Mapping[str, EncoderSpec] | None = None):
-        self._specs: dict[str, EncoderSpec] = dict(specs or {})
+    kind = "patch encoder"
 
-    def register(self, spec: EncoderSpec, *, replace: bool = False) -> EncoderSpec:
-        """Add an entry (validated); an existing name needs ``replace=True``."""
+    def validate(self, spec: EncoderSpec) -> None:
         validate_spec(spec)
-        if spec.name in self._specs and not replace and self._specs[spec.name] is not spec:
-            raise ValueError(f"encoder {spec.name!r} is already registered (pass replace=True to override it)")
-        self._specs[spec.name] = spec
-        return spec
 
-    def copy(self) -> EncoderRegistry:
-        return EncoderRegistry(self._specs)
-
-    def __getitem__(self, name: str) -> EncoderSpec:
-        return self._specs[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
-
-    def __len__(self) -> int:
-        return len(self._specs)
-
-    def __repr__(self) -> str:
-        return f"EncoderRegistry({len(self)} encoders)"
-
-
-def suggest(name: str, names: list[str], n: int = 4) -> list[str]:
-    """Close names for a typo: difflib matches first, then names containing the query."""
-    key = name.strip().lower().replace("-", "_")
-    close = difflib.get_close_matches(key, names, n=n, cutoff=0.6)
-    contains = [c for c in names if key and (key in c or c in key) and c not in close]
-    return (close + contains)[:n]
+    def unknown(self, name: str, suggestions: list[str]) -> Exception:
+        return UnknownEncoderError(name, suggestions, len(self))
 
 
 def get_encoder_spec(name: str, registry: Mapping[str, EncoderSpec] | None = None) -> EncoderSpec:
-    """Look an encoder up (case/hyphen-insensitive); raises :class:`UnknownEncoderError` with suggestions."""
-    reg = ENCODERS if registry is None else registry
-    if name in reg:
-        return reg[name]
-    normalized = name.strip().lower().replace("-", "_")
-    if normalized in reg:
-        return reg[normalized]
-    raise UnknownEncoderError(name, suggest(name, sorted(reg)), len(reg))
+    """Look an encoder up in `registry` (default: built-ins + installed plugins); raises
+    :class:`UnknownEncoderError` with suggestions."""
+    if registry is None:
+        from .plugins import encoder_registry
+
+        registry = encoder_registry()
+    if isinstance(registry, Registry):
+        return registry.spec(name)
+    return EncoderRegistry(registry).spec(name)
 
 
 # --------------------------------------------------------------------------------------------------

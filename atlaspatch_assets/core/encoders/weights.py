@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..params import ref
 from .errors import WeightsLoadError, WeightsNotFoundError
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 CONFIG_FILES = ("config.json", "open_clip_config.json")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 WeightsArg = str | os.PathLike | Mapping[str, str | os.PathLike] | None
+
+_EW, _WD = ref("models", "encoder_weights"), ref("models", "weights_dir")
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def resolve_weights(
             raise WeightsNotFoundError(
                 f"Weights for patch encoder {spec.name!r} were given as {str(explicit)!r}, but "
                 + ("that directory holds no single weights file." if explicit.is_dir() else "it does not exist.")
-                + f" Expected {spec.expected_weights()}; fix --encoder-weights {spec.name}=PATH."
+                + f" Expected {spec.expected_weights()}; fix {_EW} {spec.name}=PATH."
             )
         return ResolvedWeights(path, "explicit", _shards(path))
 
@@ -157,7 +160,7 @@ def resolve_weights(
             return ResolvedWeights(path, "weights_dir", _shards(path))
         tried.append(f"weights dir {root} (no {spec.name}/<file> or {spec.name}.{{safetensors,pt,pth,bin}})")
     else:
-        tried.append(f"no weights dir (--weights-dir / ${WEIGHTS_DIR_ENV} not set)")
+        tried.append(f"no weights dir ({_WD} / ${WEIGHTS_DIR_ENV} not set)")
 
     if spec.packaged_weights is not None:
         path = spec.packaged_weights()
@@ -188,7 +191,7 @@ def resolve_weights(
     raise WeightsNotFoundError(
         f"No local weights for patch encoder {spec.name!r}: expected {spec.expected_weights()}. "
         f"Weights are never downloaded. Looked in: {'; '.join(tried)}. Provide them with "
-        f"--encoder-weights {spec.name}=/path/to/{first}, or --weights-dir DIR holding "
+        f"{_EW} {spec.name}=/path/to/{first}, or {_WD} DIR holding "
         f"{spec.name}/{first} (or set ${WEIGHTS_DIR_ENV}){fetch}."
     )
 

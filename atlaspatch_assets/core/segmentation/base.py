@@ -44,7 +44,7 @@ class SegmentationParams:
     sam2_checkpoint: str | None = param(None, "Local SAM2.1 hiera-tiny checkpoint (.pt) for sam2; never downloaded")
     sam2_config: str = param("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2: model config inside the sam2 package", cli="")
     sam2_thumbnail: int = param(1024, "sam2: side of the square input (px)", gt=0, cli="")
-    device: str = param("cpu", "Segmentation device (cpu, cuda, cuda:<i>)", recipe=False, cli="")
+    device: str = "cpu"  # not a parameter of its own: the stage sets it from the compute settings
 
     def recipe(self) -> dict:
         """Parameters that change the mask (the other method's parameters excluded)."""

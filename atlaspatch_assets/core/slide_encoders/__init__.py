@@ -17,6 +17,7 @@ from .registry import (
     compatible_groups,
     get_slide_encoder_spec,
     required_patch_encoders,
+    slide_encoder_registry,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "compatible_groups",
     "get_slide_encoder_spec",
     "required_patch_encoders",
+    "slide_encoder_registry",
 ]

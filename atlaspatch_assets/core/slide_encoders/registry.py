@@ -7,9 +7,12 @@ model package until an encoder is built.
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Iterable, Mapping
+from types import ModuleType
 
-from ..encoders.registry import suggest
+from ..encoders.errors import PluginError
+from ..registry import Registry, cached_registry
 from .base import SlideEncoderSpec, format_mag
 from .errors import UnknownSlideEncoderError
 from .moozy import build_moozy, moozy_case_forward, moozy_forward
@@ -92,19 +95,53 @@ _SPECS = [
 ]
 # fmt: on
 
-SLIDE_ENCODERS: dict[str, SlideEncoderSpec] = {s.name: s for s in _SPECS}
+ENTRY_POINT_GROUP = "atlaspatch.slide_encoders"
+HOOK_NAME = "register_slide_encoders"
+
+
+class SlideEncoderRegistry(Registry[SlideEncoderSpec]):
+    """Name -> :class:`SlideEncoderSpec` (built-ins and what installed plugins register)."""
+
+    kind = "slide encoder"
+
+    def validate(self, spec: SlideEncoderSpec) -> None:
+        if not isinstance(spec, SlideEncoderSpec):
+            raise TypeError(f"expected a SlideEncoderSpec, got {type(spec).__name__}")
+
+    def unknown(self, name: str, suggestions: list[str]) -> Exception:
+        return UnknownSlideEncoderError(name, suggestions, sorted(self))
+
+
+SLIDE_ENCODERS = SlideEncoderRegistry({s.name: s for s in _SPECS})
 BUILTIN_SLIDE_ENCODERS: tuple[str, ...] = tuple(SLIDE_ENCODERS)
+
+
+@cached_registry
+def slide_encoder_registry(plugin_files: tuple[str, ...] = ()) -> SlideEncoderRegistry:
+    """Built-ins + every installed `atlaspatch.slide_encoders` entry point (a function, or a module
+    defining `register_slide_encoders(registry)`), built once per process."""
+    reg = SLIDE_ENCODERS.copy()
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        source = f"entry point {ep.name!r} ({ep.value})"
+        try:
+            obj = ep.load()
+            hook = getattr(obj, HOOK_NAME, None) if isinstance(obj, ModuleType) else obj
+            staging = reg.copy()
+            hook(staging)
+        except Exception as exc:
+            raise PluginError(f"Slide-encoder plugin {source}: {type(exc).__name__}: {exc}") from exc
+        for name in staging:
+            if reg.get(name) is not staging[name]:
+                reg.register(staging[name], replace=True)
+    return reg
 
 
 def get_slide_encoder_spec(name: str, registry: Mapping[str, SlideEncoderSpec] | None = None) -> SlideEncoderSpec:
     """Look a slide encoder up (case/hyphen-insensitive); raises :class:`UnknownSlideEncoderError`."""
-    reg = SLIDE_ENCODERS if registry is None else registry
-    if name in reg:
-        return reg[name]
-    normalized = name.strip().lower().replace("-", "_")
-    if normalized in reg:
-        return reg[normalized]
-    raise UnknownSlideEncoderError(name, suggest(name, sorted(reg)), sorted(reg))
+    reg = slide_encoder_registry() if registry is None else registry
+    if not isinstance(reg, Registry):
+        reg = SlideEncoderRegistry(reg)
+    return reg.spec(name)
 
 
 def compatible_groups(

@@ -7,13 +7,10 @@ per-slide file lock serializes concurrent writers (two stages writing one slide 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +18,8 @@ import h5py
 import numpy as np
 from filelock import FileLock
 
-TMP_MARK = ".tmp-"
-
-
-def recipe_hash(recipe: Mapping[str, Any]) -> str:
-    """Stable short hash of a JSON-able recipe (geometry + parameters)."""
-    blob = json.dumps(recipe, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass
-class DatasetWrite:
-    data: np.ndarray
-    attrs: dict[str, Any] = field(default_factory=dict)
-    compression: str | None = None
-    chunk_rows: int | None = None  # chunk along axis 0 (e.g. --write-batch rows)
+from .base import AttrsUpdate, DatasetWrite, SlideStore
+from .files import TMP_MARK, temp_name
 
 
 def _attr_value(v: Any) -> Any:
@@ -60,44 +44,8 @@ def _decode(v: Any) -> Any:
     return v
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_orphan_temps(path: Path) -> None:
-    """Delete hidden temp files of `path` whose writer process is gone (killed mid-write)."""
-    for p in path.parent.glob(f".{path.name}{TMP_MARK}*"):
-        pid = p.name.rsplit(TMP_MARK, 1)[-1].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            p.unlink(missing_ok=True)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to `path` via a hidden temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphan_temps(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class SlideStore:
+class H5SlideStore(SlideStore):
     """One slide's HDF5 file (`patches/<slide_id>.h5`)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
 
     @property
     def lock_path(self) -> Path:
@@ -152,11 +100,11 @@ class SlideStore:
         datasets: Mapping[str, DatasetWrite],
         file_attrs: Mapping[str, Any] | None = None,
         delete: Iterable[str] = (),
+        update_attrs: AttrsUpdate | None = None,
     ) -> None:
-        """Replace/add `datasets` (and file attrs), keep everything else; atomic and locked."""
         with self.lock():
             self._cleanup_stale_temps()
-            tmp = self.path.with_name(f".{self.path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp = temp_name(self.path)
             drop = set(datasets) | set(delete)
             try:
                 with h5py.File(tmp, "w", libver="latest") as dst:
@@ -174,7 +122,10 @@ class SlideStore:
                         ds = dst.create_dataset(name, data=dw.data, compression=dw.compression, chunks=chunks)
                         for k, v in dw.attrs.items():
                             ds.attrs[k] = _attr_value(v)
-                    for k, v in (file_attrs or {}).items():
+                    extra = dict(file_attrs or {})
+                    if update_attrs is not None:
+                        extra.update(update_attrs({k: _decode(v) for k, v in dst.attrs.items()}))
+                    for k, v in extra.items():
                         dst.attrs[k] = _attr_value(v)
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())

@@ -28,6 +28,7 @@ class ProgressReporter:
         )
         self.total = total
         self.task: Any = None
+        self.patch_task: Any = None
 
     def __enter__(self) -> ProgressReporter:
         if self.enabled:
@@ -38,14 +39,26 @@ class ProgressReporter:
     def advance(self, outcome: Any) -> None:
         if self.enabled:
             style = _STYLE.get(outcome.status, "")
-            self.progress.update(self.task, advance=1, last=f"[{style}]{outcome.slide_id} {outcome.status}")
+            self.progress.update(self.task, advance=1, last=f"[{style}]{escape(outcome.slide_id)} {outcome.status}")
+            if self.patch_task is not None:
+                self.progress.update(self.patch_task, visible=False)
+
+    def patches(self, slide_id: str, asset: str, done: int, total: int) -> None:
+        """Patches done within the slide in progress (feature extraction)."""
+        if not self.enabled:
+            return
+        if self.patch_task is None:
+            self.patch_task = self.progress.add_task("patches", total=total, last="")
+        self.progress.update(
+            self.patch_task, completed=done, total=total, visible=True, last=f"{escape(slide_id)} {asset}"
+        )
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if self.enabled:
             self.progress.stop()
 
 
-def print_summary(console: Console, outcomes: Sequence[Any], opts: Any) -> None:
+def print_summary(console: Console, outcomes: Sequence[Any], root: Any) -> None:
     t = Table(title="atlaspatch summary", show_lines=False)
     for col, kw in [
         ("slide", {}),
@@ -75,7 +88,7 @@ def print_summary(console: Console, outcomes: Sequence[Any], opts: Any) -> None:
             console.print(f"[red]FAILED[/red] {escape(o.path)}: {escape(o.reason)}", soft_wrap=True, highlight=False)
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("done", "skipped", "failed")}
     console.print(
-        f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed → {opts.store().layout.root}",
+        f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed → {root}",
         soft_wrap=True,
         highlight=False,
     )

@@ -1,4 +1,4 @@
-"""The demo: a small pyramidal 20x TIFF built from scikit-image's bundled IHC image, then the job.
+"""The demo slide: a small pyramidal 20x TIFF built from scikit-image's bundled IHC image.
 
 Everything comes from installed packages: no download, no data in the repository.
 """
@@ -13,8 +13,6 @@ import numpy as np
 
 DEMO_MPP = 0.5  # 20x
 TILE = 256
-# Embedded default instance: SQLite storage under DAGSTER_HOME, telemetry off.
-DEMO_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
 
 
 def build_demo_slide(path: str | Path, width: int = 6144, height: int = 4096, seed: int = 0) -> Path:
@@ -61,33 +59,3 @@ def build_demo_slide(path: str | Path, width: int = 6144, height: int = 4096, se
     return path
 
 
-def run_demo(output: str | Path) -> int:
-    """Build the demo slide (once) and run segment-and-get-coords on it; returns the exit code."""
-    from .cli import main
-
-    output = Path(output).resolve()
-    slide = output / "slides" / "atlaspatch-demo.svs"
-    if not slide.exists():
-        build_demo_slide(slide)
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(output / "dagster_home")))
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text(DEMO_INSTANCE_YAML)
-    args = [
-        "segment-and-get-coords",
-        str(slide),
-        "--patch-size",
-        "256",
-        "--target-mag",
-        "20",
-        "--output",
-        str(output / "output"),
-        "--visualize-grids",
-        "--visualize-mask",
-        "--visualize-contours",
-    ]
-    try:
-        main.main(args=args, standalone_mode=False)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0

@@ -21,8 +21,8 @@ from dagster import (
     asset,
 )
 
-from .core.catalog import EVENTS, SLIDES, STATUSES
-from .resources import StoreResource
+from ...core.catalog import EVENTS, SLIDES, STATUSES
+from ..resources import StoreResource
 
 MAX_FAILURES = 20
 

@@ -34,9 +34,9 @@ from dagster import (
     sensor,
 )
 
-from . import __version__
-from .core.catalog import EVENTS
-from .core.inbox import InboxState, advance, bind_ids, clean_text, run_key, scan_inbox, taken_event
+from .. import __version__
+from ..core.catalog import EVENTS
+from ..core.inbox import InboxState, advance, bind_ids, clean_text, run_key, scan_inbox, taken_event
 from .jobs import SEGMENT_AND_COORDS
 from .partitions import slides_partitions
 from .resources import SlideSourceResource, StoreResource

@@ -59,7 +59,7 @@ def export_command(
     """
     from rich.console import Console
 
-    from .core.exports import ExportUsageError, export
+    from ..core.exports import ExportUsageError, export
 
     console = Console(highlight=False)
     try:

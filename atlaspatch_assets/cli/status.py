@@ -27,7 +27,7 @@ def _console() -> Any:
 
 
 def _catalog(output: str) -> Any:
-    from .core.catalog import Catalog
+    from ..core.catalog import Catalog
 
     return Catalog(Path(output) / "catalog")
 
@@ -59,7 +59,7 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
     """
     from rich.table import Table
 
-    from .core.catalog import slide_status
+    from ..core.catalog import slide_status
 
     console = _console()
     cat = _catalog(output)

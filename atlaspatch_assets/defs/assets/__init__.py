@@ -1,0 +1,1 @@
+"""Assets: the per-slide stages, the patient stage and the catalog."""

@@ -1,0 +1,1 @@
+"""Helpers for the tests and benchmarks (starting/stopping services), not used by the pipeline."""

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from atlaspatch_assets.cli_status import compact_command, status_command
+from atlaspatch_assets.cli.status import compact_command, status_command
 from atlaspatch_assets.core.catalog import EVENTS, SLIDES, Catalog
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -387,8 +387,8 @@ def test_status_on_a_real_pipeline_catalog(pipeline_output: Path, tmp_path: Path
 def test_catalog_asset_materializes_with_matching_counts(pipeline_output: Path, tmp_path: Path) -> None:
     from dagster import DagsterInstance, materialize
 
-    from atlaspatch_assets.catalog_asset import catalog
-    from atlaspatch_assets.resources import StoreResource
+    from atlaspatch_assets.defs.assets.catalog import catalog
+    from atlaspatch_assets.defs.resources import StoreResource
 
     out = tmp_path / "out"
     shutil.copytree(pipeline_output, out)

@@ -227,7 +227,7 @@ def test_runtime_install_without_torch_runs_the_main_job(tmp_path: Path) -> None
     """`make demo` installs no torch: the code location and the CLI must work without it."""
     code = (
         "import sys; sys.modules['torch'] = None  # as if torch were not installed\n"
-        "from atlaspatch_assets.definitions import defs\n"
+        "from atlaspatch_assets.defs.definitions import defs\n"
         "keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}\n"
         "assert {'tissue_mask', 'patch_coords'} <= keys and not any(k.startswith('features/') for k in keys), keys\n"
         "from atlaspatch_assets.cli import main\n"

@@ -14,7 +14,7 @@ from conftest import write_aperio_tiff
 from dagster import AssetKey
 
 from atlaspatch_assets.cli import main
-from atlaspatch_assets.definitions import build_definitions
+from atlaspatch_assets.defs.definitions import build_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

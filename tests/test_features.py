@@ -17,10 +17,11 @@ from click.testing import CliRunner
 
 from atlaspatch_assets.cli import main
 from atlaspatch_assets.core.encoders import Encoder
-from atlaspatch_assets.core.features import extract_features
 from atlaspatch_assets.core.patches import read_patch
-from atlaspatch_assets.core.pipeline import RunLayout, load_patch_coords
 from atlaspatch_assets.core.slide import open_slide
+from atlaspatch_assets.core.stages import load_patch_coords
+from atlaspatch_assets.core.stages.features import extract_features
+from atlaspatch_assets.core.store import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -118,7 +119,7 @@ def test_adding_an_encoder_keeps_coords_and_other_features(tmp_path: Path, cmu_d
     by_asset = {e["asset"]: e["status"] for e in new}
     assert by_asset["tissue_mask"] == "skipped" and by_asset["patch_coords"] == "skipped"
     assert by_asset["features/efficientnet_lite0"] == "done"
-    assert "features/mobilenet_v2" not in by_asset  # reused, not recomputed
+    assert by_asset["features/mobilenet_v2"] == "skipped"  # reused, not recomputed
     with h5py.File(h5) as f:
         np.testing.assert_array_equal(f["features/mobilenet_v2"][()], first)
         np.testing.assert_array_equal(f["coords"][()], coords)

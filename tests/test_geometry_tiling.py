@@ -22,14 +22,9 @@ from atlaspatch_assets import __version__
 from atlaspatch_assets.core.errors import GeometryError, MissingMppError
 from atlaspatch_assets.core.geometry import compute_geometry
 from atlaspatch_assets.core.patches import read_patch
-from atlaspatch_assets.core.pipeline import (
-    CoordsParams,
-    RunLayout,
-    compute_patch_coords,
-    compute_tissue_mask,
-    save_patch_coords,
-    save_tissue_mask,
-)
+from atlaspatch_assets.core.stages.coords import CoordsParams, compute_patch_coords, save_patch_coords
+from atlaspatch_assets.core.stages.mask import compute_tissue_mask, save_tissue_mask
+from atlaspatch_assets.core.store import RunLayout
 from atlaspatch_assets.core.segmentation import SegmentationParams
 from atlaspatch_assets.core.slide import open_slide
 from atlaspatch_assets.core.tiling import lattice
@@ -146,9 +141,17 @@ def test_step_size_and_overlap() -> None:
 def test_missing_mpp_is_an_error(tmp_path: Path) -> None:
     from conftest import PNG
 
+    from atlaspatch_assets.cli.options import cli_ref
+    from atlaspatch_assets.core.params import render_refs
+    from atlaspatch_assets.defs.adapter import dagster_ref
+
     with open_slide(PNG) as slide, pytest.raises(MissingMppError) as ei:
         compute_geometry(slide.info, PATCH, target_mag=20)
-    assert "--mpp-csv" in str(ei.value)
+    import atlaspatch_assets.cli.slides  # noqa: F401  (defines the flags)
+
+    # the hint names the fix where it is shown: a CLI flag, a Dagster resource field
+    assert "--mpp-csv" in render_refs(ei.value.one_line(), cli_ref)
+    assert "resource slide_source.mpp_csv" in render_refs(ei.value.one_line(), dagster_ref)
 
 
 # -- lattice ------------------------------------------------------------------------------------

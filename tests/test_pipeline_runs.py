@@ -17,7 +17,10 @@ from dagster import DagsterInstance
 
 from atlaspatch_assets.core.discovery import SlideFile, discover
 from atlaspatch_assets.core.tiling import DEFAULT_MIN_TISSUE_FRACTION
-from atlaspatch_assets.runner import RunOptions, SlideOutcome, run_slides
+from atlaspatch_assets.cli.runner import RunSettings, SlideOutcome, run_slides
+from atlaspatch_assets.core.source import SlideSourceParams
+from atlaspatch_assets.core.stages import CoordsParams, MaskParams, StagePlan
+from atlaspatch_assets.core.store import GeometryParams
 
 ALLOWED_SUFFIXES = (".h5", ".geojson", ".png", ".parquet")
 
@@ -35,10 +38,9 @@ class Runs:
     changed: list[SlideOutcome]
 
 
-def _opts(output: Path, **kw: object) -> RunOptions:
-    base: dict = dict(output=str(output), patch_size=256, step_size=None, target_mag=20, target_mpp=None)
-    base.update(kw)
-    return RunOptions(**base)
+def _opts(output: Path, target_mag: float = 20, mpp_csv: str = "", **coords: object) -> RunSettings:
+    plan = StagePlan(mask=MaskParams(), coords=CoordsParams(**coords))
+    return RunSettings(str(output), GeometryParams(256, None, target_mag), plan, SlideSourceParams(mpp_csv=mpp_csv))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, blank_slide: Path) -> Runs:
 
     cmus = [s for s in slides if s.name == "CMU"]
     again = run_slides(cmus, _opts(output), instance=instance)
-    changed = run_slides(cmus, _opts(output, patch_coords={"min_tissue_fraction": 0.2}), instance=instance)
+    changed = run_slides(cmus, _opts(output, min_tissue_fraction=0.2), instance=instance)
     return Runs(inputs, output, slides, first, first_h5, mpp_csv, mag40, again, changed)
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import CMU, NDPI
 
-from atlaspatch_assets.core.pipeline import RunLayout, compute_tissue_mask, save_tissue_mask
+from atlaspatch_assets.core.stages.mask import compute_tissue_mask, save_tissue_mask
+from atlaspatch_assets.core.store import RunLayout
 from atlaspatch_assets.core.segmentation import SegmentationParams, segment_tissue
 from atlaspatch_assets.core.segmentation.modality import detect_modality
 from atlaspatch_assets.core.slide import open_slide
@@ -67,7 +68,7 @@ def test_stored_mask_records_the_modality_and_the_recipe_the_request(tmp_path: P
 
 def test_no_fast_mode_keeps_dapi_tissue_patches(tmp_path: Path) -> None:
     """The brightfield white/black filter would drop DAPI tissue (black between nuclei): skipped."""
-    from atlaspatch_assets.core.pipeline import CoordsParams, compute_patch_coords
+    from atlaspatch_assets.core.stages.coords import CoordsParams, compute_patch_coords
 
     layout = RunLayout.create(tmp_path, 256, target_mag=20)
     with open_slide(NDPI) as slide:

@@ -28,9 +28,9 @@ from dagster import (
 from atlaspatch_assets.core.catalog import EVENTS, Catalog, fingerprint
 from atlaspatch_assets.core.discovery import SlideFile, assign_ids, safe_key
 from atlaspatch_assets.core.inbox import InboxState, advance, content_fingerprint, scan_inbox
-from atlaspatch_assets.jobs import SEGMENT_AND_COORDS
-from atlaspatch_assets.resources import SlideSourceResource, StoreResource
-from atlaspatch_assets.sensors import build_new_slides_sensor
+from atlaspatch_assets.defs.jobs import SEGMENT_AND_COORDS
+from atlaspatch_assets.defs.resources import SlideSourceResource, StoreResource
+from atlaspatch_assets.defs.sensors import build_new_slides_sensor
 
 SLIDES = Path(__file__).resolve().parents[1].parent / "shared" / "slides"
 CMU = SLIDES / "real" / "CMU-1-Small-Region.svs"
@@ -365,7 +365,7 @@ def test_failures_around_the_tick_never_raise(tmp_path: Path, monkeypatch: pytes
     box.resources["slide_source"] = good_source
     assert len(box.runs(box.tick())) == 1  # retried on the next tick
 
-    import atlaspatch_assets.sensors as sensors
+    import atlaspatch_assets.defs.sensors as sensors
 
     def explode(*a: Any, **k: Any) -> None:
         raise RuntimeError("disk on fire")
@@ -401,25 +401,15 @@ def test_environment_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_sensor_in_definitions_resolves_partitioned_runs(tmp_path: Path) -> None:
-    from atlaspatch_assets.assets import patch_coords, tissue_mask
-    from atlaspatch_assets.io_managers import SlideStoreIOManager
-    from atlaspatch_assets.jobs import segment_and_coords_job
-    from atlaspatch_assets.resources import ComputeResource
+    from atlaspatch_assets.defs.definitions import build_definitions
 
     box = Inbox(tmp_path)
     copy(CMU, box.dir / "s.svs")
     store = StoreResource(output_dir=str(box.out))
-    defs = Definitions(
-        assets=[tissue_mask, patch_coords],
-        jobs=[segment_and_coords_job],
-        sensors=[box.sensor],
-        resources={
-            "store": store,
-            "slide_source": SlideSourceResource(output_dir=str(box.out)),
-            "compute": ComputeResource(),
-            "slide_store_io": SlideStoreIOManager(store=store),
-        },
+    base = build_definitions(
+        store=store, slide_source=SlideSourceResource(output_dir=str(box.out)), encoders=[], slide_encoders=[]
     )
+    defs = Definitions(assets=base.assets, jobs=base.jobs, sensors=[box.sensor], resources=base.resources)
     Definitions.validate_loadable(defs)
     sensor = defs.resolve_sensor_def("new_slides")
     data = None

@@ -16,7 +16,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from atlaspatch_assets.core.storage import DatasetWrite, SlideStore
+from atlaspatch_assets.core.store import DatasetWrite
+from atlaspatch_assets.core.store.h5 import H5SlideStore as SlideStore
 
 
 def _sha(path: Path) -> str:
@@ -78,7 +79,8 @@ def test_write_keeps_earlier_datasets(tmp_path: Path) -> None:
 _KILLED_WRITER = r"""
 import sys
 import numpy as np
-from atlaspatch_assets.core.storage import DatasetWrite, SlideStore
+from atlaspatch_assets.core.store import DatasetWrite
+from atlaspatch_assets.core.store.h5 import H5SlideStore as SlideStore
 data = np.random.default_rng(1).random((6_000_000, 8), dtype=np.float32)  # ~190 MB, incompressible
 print("ready", flush=True)
 SlideStore(sys.argv[1]).write({"features/big": DatasetWrite(data, compression="gzip", chunk_rows=4096)})

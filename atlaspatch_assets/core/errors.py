@@ -16,11 +16,14 @@ class SlideError(Exception):
             self.stage = stage
 
     def one_line(self) -> str:
+        """`<slide>: [<stage>] <reason>`, parameter references unrendered (see core.params.render_refs)."""
         who = f"{self.slide}: " if self.slide else ""
         return f"{who}[{self.stage}] {self.reason}"
 
     def __str__(self) -> str:
-        return self.one_line()
+        from .params import render_refs
+
+        return render_refs(self.one_line())
 
 
 class SlideOpenError(SlideError):
@@ -44,4 +47,4 @@ class ReadError(SlideError):
 
 
 class UsageError(ValueError):
-    """Invalid user options (CLI exit code 2)."""
+    """Invalid user options (CLI exit code 2); the message may hold parameter references."""

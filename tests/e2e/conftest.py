@@ -29,7 +29,7 @@ import psutil
 import pytest
 import requests
 
-from atlaspatch_assets.process_tree import record_descendants, stop_process_groups
+from atlaspatch_assets.devtools.process_tree import record_descendants, stop_process_groups
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"

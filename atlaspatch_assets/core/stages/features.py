@@ -11,11 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..encoders import Encoder
 from ..errors import SlideError
 from ..fast_reader import FastPatchReader
 from ..params import param, recipe_hash
@@ -24,6 +23,9 @@ from ..store import DatasetWrite, RunLayout, features_name
 from .base import DONE, SKIPPED, Outcome, StageEnv, failed, guard_all, upstream_missing
 from .compute import ComputeParams
 from .coords import CoordsResult, load_patch_coords
+
+if TYPE_CHECKING:  # torch is imported only when an encoder is loaded (the runtime install has none)
+    from ..encoders import Encoder
 
 RECIPE_VERSION = 1
 

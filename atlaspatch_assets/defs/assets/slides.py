@@ -127,9 +127,9 @@ def _specs(encoders: Sequence[str], targets: Sequence[SlideTarget], registry: An
                 **common,
             )
         )
-    from ...core.slide_encoders import get_slide_encoder_spec
-
     for t in targets:
+        from ...core.slide_encoders import get_slide_encoder_spec  # torch: only when there are targets
+
         sspec = get_slide_encoder_spec(t.slide_encoder)
         specs.append(
             AssetSpec(

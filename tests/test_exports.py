@@ -17,10 +17,11 @@ from click.testing import CliRunner
 from conftest import write_aperio_tiff
 
 from atlaspatch_assets.cli import main
-from atlaspatch_assets.cli_export import export_command
+from atlaspatch_assets.cli.export import export_command
 from atlaspatch_assets.core import exports
 from atlaspatch_assets.core.exports import ExportUsageError, export, resolve_run_dir
-from atlaspatch_assets.core.storage import DatasetWrite, SlideStore
+from atlaspatch_assets.core.store import DatasetWrite
+from atlaspatch_assets.core.store.h5 import H5SlideStore as SlideStore
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CMU = SHARED / "slides" / "real" / "CMU-1-Small-Region.svs"

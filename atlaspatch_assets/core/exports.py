@@ -47,7 +47,7 @@ import numpy as np
 
 from .. import __version__
 from .errors import SlideError, UsageError
-from .storage import TMP_MARK, remove_orphan_temps
+from .store import TMP_MARK, remove_orphan_temps
 
 LAYOUTS = ("slide2vec", "trident", "clam")
 PROCESS_LIST_COLUMNS = ("sample_id", "status", "error")

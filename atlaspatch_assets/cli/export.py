@@ -2,7 +2,7 @@
 
 Wired into the `atlaspatch` group with `main.add_command(export_command)`.
 
-Exit codes: 0 every slide exported (or already up to date), 1 any slide (or patient) failed,
+Exit codes: 0 every slide exported (or already up to date, or empty: 0 patches), 1 any slide (or patient) failed,
 2 usage error (unknown layout, no run folder, unknown slide, encoder absent from every slide).
 """
 
@@ -61,8 +61,8 @@ def export_command(
 ) -> None:
     """Export OUTPUT_OR_RUN_DIR (an output root or a <mag>x_<patch>px_<overlap>px_overlap run folder).
 
-    Each slide is written completely or not at all; a slide with 0 patches or without features/<encoder>
-    is reported as failed (with what to run) and gets no file.
+    Each slide is written completely or not at all; a slide without features/<encoder> is reported as
+    failed (with what to run) and gets no file; a slide with 0 patches gets empty files and is skipped.
     """
     from rich.console import Console
 
@@ -101,6 +101,9 @@ def _print_report(console: Any, report: Any) -> None:
     console.print(t)
     for s in report.failed:  # the full reason on one line each (never folded), easy to grep
         console.print(f"[red]FAILED[/red] {escape(s.error)}", soft_wrap=True)
+    for s in report.slides:
+        if s.status == "skipped" and s.error:  # skipped for a reason (0 patches), not as up to date
+            console.print(f"[cyan]SKIPPED[/cyan] {escape(s.error)}", soft_wrap=True)
     for p in report.patients:
         style = _STYLE.get(p.status, "")
         line = f"patient {escape(p.patient_id)}: [{style}]{p.status}[/{style}]"

@@ -5,10 +5,12 @@ All coordinates are level-0 pixels, rows in the store's order; every store is re
 
 A slide is exported completely or not at all: everything is read and checked first, then each file is
 written to a hidden temporary file beside its target and all of the slide's files are renamed into place
-(payloads before their ``.meta.json`` sidecars). A slide with 0 patches, without ``features/<encoder>``
-(or ``slide_features/<slide_encoder>``), or whose features are stale gets a one-line error in the report
-(and in ``process_list.csv``), and no file. A slide whose exported files already carry the same export
-fingerprint (encoder, recipes, shapes) is ``skipped`` unless ``force``.
+(payloads before their ``.meta.json`` sidecars). A slide without ``features/<encoder>`` (or
+``slide_features/<slide_encoder>``), or whose features are stale, is ``failed`` with a one-line error in the
+report (and in ``process_list.csv``), and gets no file. A slide with 0 patches gets its files with 0 rows
+((0, D): D from its stored features, else the encoder registry; no slide embedding unless one is stored)
+and is ``skipped`` with the reason. A slide whose exported files already carry the same export fingerprint
+(encoder, recipes, shapes) is ``skipped`` unless ``force``.
 
 Modules: `api` (the entry point and the layout registry), `source` (one slide read and checked),
 `commit` (atomic multi-file writes, writers), `meta` (provenance, fingerprints), `h5files` (exported .h5),

@@ -133,7 +133,11 @@ def _export_slide(ctx: ExportContext, sid: str, rows: Rows, stored: bool) -> Sli
     if status == "failed":
         error = SlideExportError(f"cannot write {ctx.layout.name} files: {why}", slide=sid).one_line()
         return SlideExport(sid, status, error, num_patches=slide.n, dim=slide.dim)
-    return SlideExport(sid, status, files=[str(p.path) for p in plans], num_patches=slide.n, dim=slide.dim)
+    files = [str(p.path) for p in plans]
+    if slide.empty_reason:  # its empty files are there, but nothing of this slide was exported
+        status, error = "skipped", SlideExportError(slide.empty_reason, slide=sid).one_line()
+        return SlideExport(sid, status, error, files=files, num_patches=0, dim=slide.dim)
+    return SlideExport(sid, status, files=files, num_patches=slide.n, dim=slide.dim)
 
 
 def _level_downsampler() -> Callable[[str], list[float] | None]:

@@ -25,8 +25,8 @@ def describe(e: BaseException, with_type: bool = True) -> str:
 @dataclass
 class SlideExport:
     slide_id: str
-    status: str  # done | skipped | failed
-    error: str = ""
+    status: str  # done | skipped (up to date, or 0 patches: empty files) | failed
+    error: str = ""  # why it failed, or why it has 0 patches
     files: list[str] = field(default_factory=list)
     num_patches: int | None = None
     dim: int | None = None

@@ -28,6 +28,7 @@ class SlideData:
     mask_attrs: dict[str, Any]
     slide_features: np.ndarray | None = None  # float32 (D,)
     slide_feature_attrs: dict[str, Any] = field(default_factory=dict)
+    empty_reason: str = ""  # 0 patches: why; its files are written empty and it is reported `skipped`
 
     @property
     def slide_id(self) -> str:
@@ -138,17 +139,11 @@ def _load(req: SlideRequest, store: SlideStore) -> SlideData:
         )
     coords = store.coords()
     n = len(coords)
-    if n == 0:
-        why = req.coords_warning or "no patch passed the tissue filter"
-        masks = req.run.geojson_path(req.slide_id).relative_to(req.run.root)
-        raise SlideExportError(
-            f"0 patches ({why}): nothing to export; check {masks} or lower --min-tissue-fraction",
-            slide=req.slide_id,
-        )
     frac = store.tissue_fraction()
     if frac.shape != (n,):
         raise req.fail(f"tissue_fraction has shape {frac.shape}, coords has {n} rows: recompute the coordinates")
-    feats, feature_attrs, stored_dtype = _features(req, store, attrs, n, hint)
+    empty = n == 0 and not store.has_features(req.encoder)
+    feats, feature_attrs, stored_dtype = _no_features(req, hint) if empty else _features(req, store, attrs, n, hint)
     slide = SlideData(
         store=store,
         attrs=attrs,
@@ -160,9 +155,35 @@ def _load(req: SlideRequest, store: SlideStore) -> SlideData:
         stored_dtype=stored_dtype,
         mask_attrs=store.mask_attrs(),
     )
-    if req.slide_encoder:
+    se = req.slide_encoder
+    if se and (n or store.has_slide_features(se)):  # 0 patches: no slide embedding is expected
         slide.slide_features, slide.slide_feature_attrs = _slide_features(req, store)
+    if n == 0:
+        slide.empty_reason = _empty_reason(req, slide)
     return slide
+
+
+def _empty_reason(req: SlideRequest, slide: SlideData) -> str:
+    why = req.coords_warning or "no patch passed the tissue filter"
+    masks = req.run.geojson_path(req.slide_id).relative_to(req.run.root)
+    missing = (
+        f", no {slide_features_name(req.slide_encoder)}" if req.slide_encoder and slide.slide_features is None else ""
+    )
+    return f"0 patches ({why}): exported empty (0, {slide.dim}){missing}; check {masks} or lower --min-tissue-fraction"
+
+
+def _no_features(req: SlideRequest, hint: str) -> tuple[np.ndarray, dict[str, Any], str]:
+    """Empty (0, D) features of a 0-patch slide that has none stored, D from the encoder registry."""
+    try:
+        from ..encoders import get_encoder_spec
+
+        dim = int(get_encoder_spec(req.encoder).dim)
+    except Exception as e:  # unknown encoder, or no features extra (torch) here
+        raise req.fail(
+            f"0 patches and no {features_name(req.encoder)} stored, and its dimension is unknown here "
+            f"({type(e).__name__}); compute it with `{hint}`"
+        ) from e
+    return np.zeros((0, dim), np.float32), {}, ""
 
 
 def _features(

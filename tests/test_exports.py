@@ -17,10 +17,11 @@ from click.testing import CliRunner
 from conftest import write_aperio_tiff
 
 from atlaspatch_assets.cli import main
-from atlaspatch_assets.cli_export import export_command
+from atlaspatch_assets.cli.export import export_command
 from atlaspatch_assets.core import exports
 from atlaspatch_assets.core.exports import ExportUsageError, export, resolve_run_dir
-from atlaspatch_assets.core.storage import DatasetWrite, SlideStore
+from atlaspatch_assets.core.store import DatasetWrite
+from atlaspatch_assets.core.store.h5 import H5SlideStore as SlideStore
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CMU = SHARED / "slides" / "real" / "CMU-1-Small-Region.svs"
@@ -91,7 +92,9 @@ def test_slide2vec_layout_reads_back(built: Built, tmp_path: Path) -> None:
     st = rep.by_slide()
     assert rep.run_dir == built.run.resolve()
     assert st[GOOD].status == "done" and st[GOOD].num_patches == 47 and st[GOOD].dim == 1280
-    assert st[BLANK].status == "failed" and "0 patches" in st[BLANK].error and "no tissue" in st[BLANK].error
+    blank = st[BLANK]  # 0 patches: its empty files, and skipped with the reason
+    assert blank.status == "skipped" and "0 patches" in blank.error and "no tissue" in blank.error
+    assert blank.num_patches == 0 and blank.dim == 1280 and len(blank.files) == 4
     err = st[NOFEAT].error
     assert st[NOFEAT].status == "failed" and f"features/{ENC} missing" in err
     assert f"atlaspatch process {built.output.parent / NOFEAT}.svs" in err  # the command to run, for that slide
@@ -173,7 +176,7 @@ def test_slide2vec_layout_reads_back(built: Built, tmp_path: Path) -> None:
     assert text.splitlines()[0] == "sample_id,status,error"
     rows = {r["sample_id"]: r for r in csv.DictReader(text.splitlines())}
     assert rows[GOOD]["status"] == "done" and rows[GOOD]["error"] == ""
-    assert rows[BLANK]["status"] == "failed" and "0 patches" in rows[BLANK]["error"]
+    assert rows[BLANK]["status"] == "skipped" and "0 patches" in rows[BLANK]["error"]
     assert rows[NOFEAT]["status"] == "failed" and f"features/{ENC}" in rows[NOFEAT]["error"]
 
     cfg = yaml.safe_load((dest / "config.yaml").read_text())
@@ -181,9 +184,25 @@ def test_slide2vec_layout_reads_back(built: Built, tmp_path: Path) -> None:
     assert cfg["export"]["layout"] == "slide2vec" and cfg["export"]["encoder"] == ENC
     assert cfg["tiling"]["params"]["requested_tile_size_px"] == 224
 
-    # nothing for the failed slides, anywhere
+    # the empty slide's files hold 0 rows (no slide embedding: none is stored for it)
+    t0 = torch.load(dest / "tile_embeddings" / f"{BLANK}.pt", map_location="cpu", weights_only=True)
+    assert t0.dtype == torch.float32 and tuple(t0.shape) == (0, 1280)
+    with np.load(dest / "tiles" / f"{BLANK}.coordinates.npz", allow_pickle=False) as z:
+        assert {k: (z[k].dtype, z[k].shape) for k in z.files} == {
+            "x": (np.int64, (0,)),
+            "y": (np.int64, (0,)),
+            "tile_index": (np.int32, (0,)),
+            "tissue_fractions": (np.float32, (0,)),
+        }
+    bmeta = json.loads((dest / "tile_embeddings" / f"{BLANK}.meta.json").read_text())
+    assert bmeta["num_tiles"] == 0 and bmeta["feature_dim"] == 1280 and bmeta["tile_size_lv0"] == 224
+    bcmeta = json.loads((dest / "tiles" / f"{BLANK}.coordinates.meta.json").read_text())
+    assert bcmeta["tiling"]["n_tiles"] == 0 and bcmeta["artifact"]["tile_embeddings_shape"] == [0, 1280]
+    assert not (dest / "slide_embeddings" / f"{BLANK}.pt").exists()
+
+    # nothing for the failed slide, anywhere
     names = [f.name for f in _all_files(dest)]
-    assert not [n for n in names if n.startswith((BLANK, NOFEAT))]
+    assert not [n for n in names if n.startswith(NOFEAT)]
     _no_temps(dest)
 
 
@@ -198,9 +217,15 @@ def test_slide2vec_skips_unchanged_and_force_rewrites(built: Built, tmp_path: Pa
     forced = export(built.run, "slide2vec", dest, ENC, slides=[GOOD], force=True)
     assert forced.by_slide()[GOOD].status == "done" and pt.stat().st_mtime_ns != mtime
     # a later export of another slide keeps the rows of the earlier ones
-    export(built.run, "slide2vec", dest, ENC, slides=[BLANK])
+    empty = export(built.run, "slide2vec", dest, ENC, slides=[BLANK])
+    assert empty.by_slide()[BLANK].status == "skipped" and empty.ok
     rows = {r["sample_id"]: r["status"] for r in csv.DictReader((dest / "process_list.csv").open())}
-    assert rows == {GOOD: "done", BLANK: "failed"}
+    assert rows == {GOOD: "done", BLANK: "skipped"}
+    # the empty slide's files are not rewritten either while unchanged
+    pt0 = dest / "tile_embeddings" / f"{BLANK}.pt"
+    mtime0 = pt0.stat().st_mtime_ns
+    assert export(built.run, "slide2vec", dest, ENC, slides=[BLANK]).by_slide()[BLANK].status == "skipped"
+    assert pt0.stat().st_mtime_ns == mtime0
 
 
 def test_failed_write_leaves_nothing(built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,6 +261,30 @@ def test_stale_and_mismatched_inputs_fail_per_slide(built: Built, tmp_path: Path
     assert not _all_files(tmp_path / "t")
 
 
+def test_empty_slide_without_features_takes_the_registry_dim(built: Built, tmp_path: Path) -> None:
+    """0 patches and no features stored: empty (0, D) files with D of the encoder registry; unknown encoder → failed."""
+    out = tmp_path / "out"
+    shutil.copytree(built.run, out / RUN, ignore=shutil.ignore_patterns("exports"))
+    run = out / RUN
+    SlideStore(run / "patches" / f"{BLANK}.h5").write({}, delete=[f"features/{ENC}"])
+    dest = tmp_path / "c"
+    rep = export(out, "clam", dest, ENC, slides=[GOOD, BLANK])
+    st = rep.by_slide()[BLANK]
+    assert rep.ok and st.status == "skipped" and st.dim == 1280 and "0 patches" in st.error
+    with h5py.File(dest / "h5_files" / f"{BLANK}.h5", "r") as f:
+        assert f["features"].shape == (0, 1280) and f["features"].dtype == np.float32
+        assert f["coords"].shape == (0, 2) and int(f["coords"].attrs["patch_size"]) == 224
+
+    feats = built.read(GOOD, f"features/{ENC}")
+    SlideStore(run / "patches" / f"{GOOD}.h5").write(
+        {"features/my_model": DatasetWrite(feats, {"encoder": "my_model"})}
+    )
+    rep = export(out, "trident", tmp_path / "t", "my_model", slides=[GOOD, BLANK])
+    st = rep.by_slide()
+    assert st[GOOD].status == "done" and st[BLANK].status == "failed" and "dimension is unknown" in st[BLANK].error
+    assert not (tmp_path / "t" / "features_my_model" / f"{BLANK}.h5").exists()
+
+
 # -- TRIDENT and CLAM ----------------------------------------------------------------------------
 
 
@@ -243,8 +292,12 @@ def test_trident_layout_reads_back(built: Built, tmp_path: Path) -> None:
     dest = tmp_path / "trident"
     rep = export(built.output, "trident", dest, ENC, slide_encoder="mean", slides=[GOOD, BLANK])
     st = rep.by_slide()
-    assert st[GOOD].status == "done" and st[BLANK].status == "failed"
+    assert st[GOOD].status == "done" and st[BLANK].status == "skipped" and "0 patches" in st[BLANK].error
     feats, coords = built.read(GOOD, f"features/{ENC}"), built.read(GOOD, "coords")
+    with h5py.File(dest / f"features_{ENC}" / f"{BLANK}.h5", "r") as f:  # 0 patches: empty, with TRIDENT's attrs
+        assert f["features"].shape == (0, 1280) and f["coords"].shape == (0, 2)
+        assert f["coords"].attrs["patch_size"] == 224 and f["coords"].attrs["name"] == BLANK
+        assert f["coords"].attrs["target_magnification"] == 20
     with h5py.File(dest / f"features_{ENC}" / f"{GOOD}.h5", "r") as f:  # as TRIDENT's readers do
         assert np.array_equal(f["features"][:], feats) and f["features"].dtype == np.float32
         assert np.array_equal(f["coords"][:], coords)
@@ -256,21 +309,24 @@ def test_trident_layout_reads_back(built: Built, tmp_path: Path) -> None:
         assert round(a["patch_size"] * a["level0_magnification"] / a["target_magnification"]) == 224
     with h5py.File(dest / "slide_features_mean" / f"{GOOD}.h5", "r") as f:
         assert f["features"].shape == (1280,) and np.allclose(f["features"][:], feats.mean(0))
-    assert [p.name for p in _all_files(dest)] == [f"{GOOD}.h5", f"{GOOD}.h5"]
+    files = sorted(str(p.relative_to(dest)) for p in _all_files(dest))
+    assert files == [f"features_{ENC}/{GOOD}.h5", f"features_{ENC}/{BLANK}.h5", f"slide_features_mean/{GOOD}.h5"]
     _no_temps(dest)
 
 
 def test_clam_layout_reads_back(built: Built, tmp_path: Path) -> None:
     dest = tmp_path / "clam"
     rep = export(built.run / "patches", "clam", dest, ENC)
-    assert rep.by_slide()[GOOD].status == "done" and len(rep.failed) == 2
+    st = rep.by_slide()
+    assert st[GOOD].status == "done" and st[BLANK].status == "skipped" and [s.slide_id for s in rep.failed] == [NOFEAT]
     feats, coords = built.read(GOOD, f"features/{ENC}"), built.read(GOOD, "coords")
     with h5py.File(dest / "h5_files" / f"{GOOD}.h5", "r") as f:
         assert np.array_equal(f["features"][:], feats) and np.array_equal(f["coords"][:], coords)
         assert int(f["coords"].attrs["patch_level"]) == 0 and int(f["coords"].attrs["patch_size"]) == 224
     t = torch.load(dest / "pt_files" / f"{GOOD}.pt", weights_only=True)  # CLAM's dataset loader
     assert t.dtype == torch.float32 and np.array_equal(t.numpy(), feats)
-    assert sorted(p.name for p in _all_files(dest)) == [f"{GOOD}.h5", f"{GOOD}.pt"]
+    assert sorted(p.name for p in _all_files(dest)) == [f"{GOOD}.h5", f"{GOOD}.pt", f"{BLANK}.h5", f"{BLANK}.pt"]
+    assert tuple(torch.load(dest / "pt_files" / f"{BLANK}.pt", weights_only=True).shape) == (0, 1280)
     with pytest.raises(ExportUsageError, match="CLAM"):
         export(built.run, "clam", dest, ENC, slide_encoder="mean")
 
@@ -304,8 +360,9 @@ def test_resolve_run_dir_and_usage_errors(built: Built, tmp_path: Path) -> None:
 def test_cli_export(built: Built, tmp_path: Path) -> None:
     runner = CliRunner()
     r = runner.invoke(export_command, [str(built.output), "--layout", "slide2vec", "--encoder", ENC])
-    assert r.exit_code == 1, r.output  # the blank slide and the slide without features failed
-    assert "FAILED" in r.output and "0 patches" in r.output and "1 done" in r.output
+    assert r.exit_code == 1, r.output  # the slide without features failed
+    assert "FAILED" in r.output and "1 done" in r.output and "1 skipped" in r.output
+    assert "SKIPPED" in r.output and "0 patches" in r.output
     default = built.run / "exports" / "slide2vec" / ENC
     assert (default / "tile_embeddings" / f"{GOOD}.pt").is_file() and (default / "process_list.csv").is_file()
 

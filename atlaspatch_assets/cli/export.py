@@ -2,7 +2,7 @@
 
 Wired into the `atlaspatch` group with `main.add_command(export_command)`.
 
-Exit codes: 0 every slide exported (or already up to date), 1 any slide (or patient) failed,
+Exit codes: 0 every slide exported (or already up to date, or empty: 0 patches), 1 any slide (or patient) failed,
 2 usage error (unknown layout, no run folder, unknown slide, encoder absent from every slide).
 """
 
@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 from rich.markup import escape
+
+from ..core.exports import LAYOUTS, ExportUsageError, export
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 _STYLE = {"done": "green", "skipped": "cyan", "failed": "red"}
@@ -28,18 +30,23 @@ def _split(values: tuple[str, ...]) -> list[str] | None:
 @click.argument("output_or_run_dir", type=click.Path(file_okay=False))
 @click.option(
     "--layout",
-    type=click.Choice(["slide2vec", "trident", "clam"], case_sensitive=False),
+    type=click.Choice(list(LAYOUTS), case_sensitive=False),
     required=True,
-    help="slide2vec: tile_embeddings/ slide_embeddings/ patient_embeddings/ tiles/ process_list.csv config.yaml; "
-    "trident: features_<enc>/<slide>.h5; clam: h5_files/ + pt_files/",
+    help="; ".join(f"{lay.name}: {lay.summary}" for lay in LAYOUTS.values()),
 )
 @click.option("--encoder", required=True, help="Patch encoder whose features/<encoder> to export, e.g. uni_v1")
-@click.option("--slide-encoder", default=None, help="Also export slide_features/<name> (slide2vec, trident)")
+@click.option(
+    "--slide-encoder",
+    default=None,
+    help=f"Also export slide_features/<name> ({', '.join(n for n, lay in LAYOUTS.items() if lay.slide_embeddings)})",
+)
 @click.option(
     "--dest",
     type=click.Path(file_okay=False),
     default=None,
-    help="Destination folder  [default: <run>/exports/<layout>/<encoder> (trident: <run>/exports/trident)]",
+    help="Destination folder  [default: <run>/exports/<layout>/<encoder> ("
+    + ", ".join(f"{n}: <run>/exports/{n}" for n, lay in LAYOUTS.items() if not lay.dest_per_encoder)
+    + ")]",
 )
 @click.option("--slides", "slides", multiple=True, metavar="A,B", help="Only these slide ids (comma separated)")
 @click.option("--force", is_flag=True, help="Rewrite files that are already exported and up to date")
@@ -54,12 +61,10 @@ def export_command(
 ) -> None:
     """Export OUTPUT_OR_RUN_DIR (an output root or a <mag>x_<patch>px_<overlap>px_overlap run folder).
 
-    Each slide is written completely or not at all; a slide with 0 patches or without features/<encoder>
-    is reported as failed (with what to run) and gets no file.
+    Each slide is written completely or not at all; a slide without features/<encoder> is reported as
+    failed (with what to run) and gets no file; a slide with 0 patches gets empty files and is skipped.
     """
     from rich.console import Console
-
-    from ..core.exports import ExportUsageError, export
 
     console = Console(highlight=False)
     try:
@@ -96,6 +101,9 @@ def _print_report(console: Any, report: Any) -> None:
     console.print(t)
     for s in report.failed:  # the full reason on one line each (never folded), easy to grep
         console.print(f"[red]FAILED[/red] {escape(s.error)}", soft_wrap=True)
+    for s in report.slides:
+        if s.status == "skipped" and s.error:  # skipped for a reason (0 patches), not as up to date
+            console.print(f"[cyan]SKIPPED[/cyan] {escape(s.error)}", soft_wrap=True)
     for p in report.patients:
         style = _STYLE.get(p.status, "")
         line = f"patient {escape(p.patient_id)}: [{style}]{p.status}[/{style}]"

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -12,6 +19,7 @@ import tifffile
 from conftest import BOXES_TIFF, BROKEN, CMU, DICOM, JPEG, KIDNEY, NDPI, PNG, SMALL16, truncated_copy
 from PIL import Image
 
+from atlaspatch_assets.core.discovery import discover
 from atlaspatch_assets.core.errors import ReadError, SlideOpenError, UsageError
 from atlaspatch_assets.core.mpp import load_mpp_csv
 from atlaspatch_assets.core.slide import open_slide
@@ -177,6 +185,128 @@ def test_text_file_named_svs(tmp_path: Path) -> None:
     with pytest.raises(SlideOpenError) as ei:
         open_slide(p)
     assert "\n" not in str(ei.value)
+
+
+def test_text_file_named_svs_reason_quotes_no_content(tmp_path: Path) -> None:
+    p = tmp_path / "notes.svs"
+    p.write_text("SECRET-PATIENT-NAME Jane Doe\nline two\n")
+    with pytest.raises(SlideOpenError) as ei:
+        open_slide(p)
+    assert "SECRET" not in str(ei.value) and "Jane" not in str(ei.value)
+    assert "not a slide or image file" in ei.value.reason
+
+
+def test_tiff_header_then_text_quotes_no_content(tmp_path: Path) -> None:
+    """A TIFF signature gets past the sniff: the libraries' own messages must not leak bytes."""
+    p = tmp_path / "fake.tiff"
+    p.write_bytes(b"II*\x00" + b"SECRET-PATIENT-NAME Jane Doe " * 40)
+    with pytest.raises(SlideOpenError) as ei:
+        open_slide(p)
+    assert "SECRET" not in str(ei.value) and "Jane" not in str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_shared_not_an_image_reason_quotes_no_header() -> None:
+    path = BROKEN / "not-an-image.svs"
+    head = path.read_bytes()[:4].decode("latin-1")
+    with pytest.raises(SlideOpenError) as ei:
+        open_slide(path)
+    assert head not in str(ei.value)
+
+
+def test_dangling_symlink(tmp_path: Path) -> None:
+    link = tmp_path / "gone.svs"
+    link.symlink_to(tmp_path / "missing-target.svs")
+    with pytest.raises(SlideOpenError, match="dangling symlink"):
+        open_slide(link)
+
+
+def test_symlink_loop(tmp_path: Path) -> None:
+    (tmp_path / "a.svs").symlink_to(tmp_path / "b.svs")
+    (tmp_path / "b.svs").symlink_to(tmp_path / "a.svs")
+    with pytest.raises(SlideOpenError, match="cannot look up"):
+        open_slide(tmp_path / "a.svs")
+
+
+def test_directory_named_like_a_slide(tmp_path: Path) -> None:
+    (tmp_path / "x.svs").mkdir()
+    with pytest.raises(SlideOpenError, match="is a directory"):
+        open_slide(tmp_path / "x.svs")
+
+
+def test_fifo_named_like_a_slide_does_not_block(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.svs")  # opening a FIFO for reading would wait for a writer
+    with pytest.raises(SlideOpenError, match="not a regular file"):
+        open_slide(tmp_path / "pipe.svs")
+
+
+def test_file_deleted_after_discovery(tmp_path: Path) -> None:
+    shutil.copyfile(CMU, tmp_path / "later-deleted.svs")
+    slides, _ = discover([tmp_path])
+    assert [s.name for s in slides] == ["later-deleted"]
+    (tmp_path / "later-deleted.svs").unlink()
+    with pytest.raises(SlideOpenError, match="file not found") as ei:
+        open_slide(slides[0].path)
+    assert "\n" not in str(ei.value)
+
+
+_OPEN_AS_USER = """
+import json, sys
+from atlaspatch_assets.core.discovery import discover
+from atlaspatch_assets.core.discovery import discover
+from atlaspatch_assets.core.errors import SlideError
+from atlaspatch_assets.core.slide import open_slide
+slides, problems = discover([sys.argv[1]])
+out = {"discovered": [s.path for s in slides]}
+try:
+    open_slide(sys.argv[2]).close()
+    out["opened"] = True
+except SlideError as e:
+    out["error"] = type(e).__name__
+    out["reason"] = e.reason
+except BaseException as e:
+    out["raw"] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+def _unprivileged() -> list[str] | None:
+    """argv prefix running a command as a user without read permission on root's 0o000 files."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+    if setpriv is None:
+        return None
+    return [setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+
+
+def test_unreadable_file_fails_alone_with_permission_denied() -> None:
+    """As root permission bits do not apply: the check runs as `nobody` (setpriv); skipped only
+    when no such user/tool exists."""
+    prefix = _unprivileged()
+    if prefix is None:
+        pytest.skip("running as root and no unprivileged user (nobody + setpriv) to test permissions with")
+    root = Path(tempfile.mkdtemp(prefix="atlaspatch-perm-"))
+    try:
+        root.chmod(0o755)  # the unprivileged user may list the folder ...
+        secret = root / "locked.svs"
+        shutil.copyfile(CMU, secret)
+        secret.chmod(0o000)  # ... but not read the slide
+        repo = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"}
+        cmd = [*prefix, sys.executable, "-c", _OPEN_AS_USER, str(root), str(secret)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert out["discovered"] == [str(secret)]  # listed: it fails alone, later
+    assert out.get("error") == "SlideOpenError", out
+    assert out["reason"].startswith("permission denied") and "\n" not in out["reason"]
 
 
 def test_truncated_svs(tmp_path: Path) -> None:

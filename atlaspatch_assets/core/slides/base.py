@@ -29,6 +29,33 @@ def file_extension(path: str | Path) -> str:
     return Path(name).suffix
 
 
+# Formats whose main file is a text index (MIRAX, Hamamatsu VMS/VMU): no binary signature.
+TEXT_INDEX_EXTENSIONS = (".mrxs", ".vms", ".vmu")
+HEAD_BYTES = 512  # what `sniff_format` looks at
+KNOWN_SIGNATURES = "TIFF/BigTIFF, JPEG, PNG, BMP, GIF, WebP, DICOM"
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Container format named by a file's first bytes (`HEAD_BYTES` of them), or None."""
+    if head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return "tiff"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:2] == b"BM":
+        return "bmp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:10] == b"ZISRAWFILE":
+        return "czi"
+    return None
+
+
 class SlideBackend(ABC):
     """One way of reading slide files (one subclass per library).
 

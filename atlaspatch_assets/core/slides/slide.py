@@ -8,6 +8,8 @@ returns RGB uint8 with transparent/absent areas composited onto white.
 from __future__ import annotations
 
 import os
+import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import numpy as np
 
 from ..errors import ReadError, SlideOpenError
 from ..mpp import MppResolution, resolve_mpp
-from .base import SlideBackend, file_extension
+from .base import HEAD_BYTES, KNOWN_SIGNATURES, TEXT_INDEX_EXTENSIONS, SlideBackend, file_extension, sniff_format
 from .registry import SUPPORTED_EXTENSIONS, backends_for
 
 # Relative tolerance when comparing pyramid downsamples (vendors store 4.016 for "4").
@@ -169,17 +171,13 @@ def open_slide(path: str | Path, mpp_override: float | None = None, probe: bool 
     that need physical units fail with a message naming --mpp-csv.
     """
     path = str(path)
-    if not os.path.exists(path):
-        raise SlideOpenError(f"file not found: {path}")
-    if os.path.isdir(path):
-        raise SlideOpenError(f"is a directory, not a slide file: {path}")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise SlideOpenError("empty file (0 bytes)")
+    head = _check_file(path)
     attempts = backends_for(path)
     if not attempts:
         ext = file_extension(path)
         raise SlideOpenError(f"unsupported extension {ext!r}; supported: {' '.join(SUPPORTED_EXTENSIONS)}")
+    if file_extension(path) not in TEXT_INDEX_EXTENSIONS and sniff_format(head) is None:
+        raise SlideOpenError(f"not a slide or image file: its first bytes match no {KNOWN_SIGNATURES} signature")
 
     errors: list[str] = []
     for backend in attempts:
@@ -191,12 +189,53 @@ def open_slide(path: str | Path, mpp_override: float | None = None, probe: bool 
                 _probe(slide)
             return slide
         except ReadError as e:
-            errors.append(f"{backend.name}: {e.reason}")
+            errors.append(f"{backend.name}: {_clean(e.reason)}")
         except Exception as e:
-            errors.append(f"{backend.name}: {type(e).__name__}: {str(e).strip() or 'cannot open'}")
+            errors.append(f"{backend.name}: {type(e).__name__}: {_clean(str(e)) or 'cannot open'}")
         if reader is not None:
             reader.close()
+    if not os.path.lexists(path):
+        raise SlideOpenError(f"file disappeared while it was being opened: {path}")
     raise SlideOpenError("cannot open slide (" + "; ".join(errors) + ")")
+
+
+def _check_file(path: str) -> bytes:
+    """The first bytes of `path`, or SlideOpenError saying why it is no readable file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise SlideOpenError(f"dangling symlink (its target is missing): {path}") from None
+        raise SlideOpenError(f"file not found (deleted or moved since it was listed?): {path}") from None
+    except PermissionError:
+        raise SlideOpenError(f"permission denied: cannot look up {path}") from None
+    except OSError as e:  # symlink loop, name too long, I/O error
+        raise SlideOpenError(f"cannot look up {path}: {e.strerror or type(e).__name__}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SlideOpenError(f"is a directory, not a slide file: {path}")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader forever
+        raise SlideOpenError(f"not a regular file (FIFO, socket or device): {path}")
+    if st.st_size == 0:
+        raise SlideOpenError("empty file (0 bytes)")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(HEAD_BYTES)
+    except FileNotFoundError:
+        raise SlideOpenError(f"file disappeared while it was being opened: {path}") from None
+    except PermissionError:
+        raise SlideOpenError(f"permission denied: {path} is not readable by this user") from None
+    except OSError as e:
+        raise SlideOpenError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+
+
+# Byte/str literals in library messages (tifffile: "header=b'IJrE'") quote file contents.
+_QUOTED_BYTES = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
+
+
+def _clean(message: str, limit: int = 240) -> str:
+    """A library's error message without quoted file bytes, on one line, at most `limit` chars."""
+    text = " ".join(_QUOTED_BYTES.sub("<bytes>", message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _make_slide(path: str, reader: SlideBackend, mpp_override: float | None) -> Slide:

@@ -16,6 +16,12 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..errors import SlideTooLargeError
+
+# Largest decoded buffer a backend may materialise at once (a whole plain image, one TIFF strip).
+MAX_DECODE_BYTES = 512 << 20
+TooLargeToDecode = SlideTooLargeError  # what backends raise to refuse such a file (one line)
+
 # Extensions made of two suffixes: matched before the last suffix alone.
 COMPOUND_EXTENSIONS = (".ome.tiff", ".ome.tif")
 
@@ -106,6 +112,11 @@ class SlideBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 -- optional hook: most handles need no explicit close
         """Release file handles."""
+
+
+def mib(n: float) -> str:
+    """Byte count for messages: '858 MiB', '4.5 GiB'."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def to_rgb(arr: np.ndarray) -> np.ndarray:

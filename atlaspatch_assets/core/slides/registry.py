@@ -10,9 +10,10 @@ from pathlib import Path
 from .base import SlideBackend, file_extension
 from .image_backend import IMAGE_EXTENSIONS, ImageBackend
 from .openslide_backend import OpenSlideBackend
+from .tiff_backend import TiffPageBackend
 from .tiffslide_backend import TiffSlideBackend
 
-BACKENDS: list[type[SlideBackend]] = [OpenSlideBackend, TiffSlideBackend, ImageBackend]
+BACKENDS: list[type[SlideBackend]] = [OpenSlideBackend, TiffSlideBackend, TiffPageBackend, ImageBackend]
 
 # Known slide formats without a reader here: discovery reports them instead of skipping them.
 UNSUPPORTED_FORMATS = {

@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..errors import ReadError, SlideOpenError
+from ..errors import ReadError, SlideError, SlideOpenError, SlideTooLargeError
 from ..mpp import MppResolution, resolve_mpp
 from .base import HEAD_BYTES, KNOWN_SIGNATURES, TEXT_INDEX_EXTENSIONS, SlideBackend, file_extension, sniff_format
 from .registry import SUPPORTED_EXTENSIONS, backends_for
@@ -180,6 +180,7 @@ def open_slide(path: str | Path, mpp_override: float | None = None, probe: bool 
         raise SlideOpenError(f"not a slide or image file: its first bytes match no {KNOWN_SIGNATURES} signature")
 
     errors: list[str] = []
+    too_large = False
     for backend in attempts:
         reader: SlideBackend | None = None
         try:
@@ -188,15 +189,16 @@ def open_slide(path: str | Path, mpp_override: float | None = None, probe: bool 
             if probe:
                 _probe(slide)
             return slide
-        except ReadError as e:
+        except SlideError as e:  # ReadError from the probe, SlideTooLargeError from a backend
             errors.append(f"{backend.name}: {_clean(e.reason)}")
+            too_large = too_large or isinstance(e, SlideTooLargeError)
         except Exception as e:
             errors.append(f"{backend.name}: {type(e).__name__}: {_clean(str(e)) or 'cannot open'}")
         if reader is not None:
             reader.close()
     if not os.path.lexists(path):
         raise SlideOpenError(f"file disappeared while it was being opened: {path}")
-    raise SlideOpenError("cannot open slide (" + "; ".join(errors) + ")")
+    raise (SlideTooLargeError if too_large else SlideOpenError)("cannot open slide (" + "; ".join(errors) + ")")
 
 
 def _check_file(path: str) -> bytes:

@@ -6,7 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from .base import SlideBackend, to_rgb
+from .base import SlideBackend, mib, to_rgb
+
+# tiffslide decodes every strip/tile a read touches, each time: above this size per chunk
+# (typically a plain TIFF stored as one huge strip) the tifffile page backend reads it instead.
+MAX_CHUNK_BYTES = 64 << 20
 
 
 class TiffSlideBackend(SlideBackend):
@@ -28,7 +32,13 @@ class TiffSlideBackend(SlideBackend):
     def open(cls, path: str) -> TiffSlideBackend:
         import tiffslide
 
-        return cls(path, tiffslide.TiffSlide(path))
+        h = tiffslide.TiffSlide(path)
+        try:
+            _check_chunks(h)
+        except BaseException:
+            h.close()
+            raise
+        return cls(path, h)
 
     def read_region(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         """tiffslide pads outside the image with black: read the inside only, pad with white."""
@@ -53,3 +63,15 @@ class TiffSlideBackend(SlideBackend):
 
     def close(self) -> None:
         self._h.close()
+
+
+def _check_chunks(h: Any) -> None:
+    series = h.ts_tifffile.series[int(h.properties.get("tiffslide.series-index") or 0)]
+    for level in series.levels:
+        page = level.keyframe
+        n = int(np.prod(page.chunks)) * np.dtype(page.dtype).itemsize
+        if n > MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"a {'tile' if page.is_tiled else 'strip'} of {mib(n)} would be decoded on every read "
+                f"(over {mib(MAX_CHUNK_BYTES)}); left to the bounded tifffile reader"
+            )

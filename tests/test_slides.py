@@ -25,7 +25,8 @@ from PIL import Image
 from atlaspatch_assets.core.discovery import discover
 from atlaspatch_assets.core.errors import ReadError, SlideOpenError, SlideTooLargeError, UsageError
 from atlaspatch_assets.core.mpp import load_mpp_csv
-from atlaspatch_assets.core.slide import open_slide
+from atlaspatch_assets.core.slide import BACKENDS, SUPPORTED_EXTENSIONS, SlideBackend, open_slide
+from atlaspatch_assets.core.slides import backends_for
 
 OPENSLIDE_SLIDES = [CMU, NDPI, SMALL16, BOXES_TIFF, DICOM]
 
@@ -35,6 +36,43 @@ def _rgb(region: Image.Image) -> np.ndarray:
     a = np.asarray(region).astype(np.float64)
     alpha = a[..., 3:4] / 255.0
     return np.round(a[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
+# -- backends -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "backend"),
+    [
+        (CMU, "openslide"),
+        (NDPI, "openslide"),
+        (DICOM, "openslide"),
+        (KIDNEY, "tiffslide"),
+        (PNG, "image"),
+        (JPEG, "image"),
+    ],
+    ids=lambda v: v.name if isinstance(v, Path) else v,
+)
+def test_first_claiming_backend_that_reads_the_file_wins(path: Path, backend: str) -> None:
+    """Registry order: OpenSlide, tiffslide, tifffile page, image; each tried only on what it claims."""
+    assert [b.name for b in BACKENDS] == ["openslide", "tiffslide", "tifffile", "image"]
+    claimed = [b.name for b in backends_for(path)]
+    assert backend in claimed
+    with open_slide(path) as slide:
+        assert slide.backend == slide.info.backend == backend
+        assert isinstance(slide.reader, SlideBackend)
+        # every claiming backend before the winner really fails on this file
+        for b in backends_for(path)[: claimed.index(backend)]:
+            with pytest.raises(Exception):  # noqa: B017 -- any library error: the next one is tried
+                b.open(str(path)).close()
+
+
+def test_extensions_come_from_the_registry() -> None:
+    assert set(SUPPORTED_EXTENSIONS) == {e for b in BACKENDS for e in b.extensions}
+    assert {".qptiff", ".ome.tif", ".ome.tiff", ".svs", ".dcm", ".png"} <= set(SUPPORTED_EXTENSIONS)
+    assert [b.name for b in backends_for("x.OME.TIFF")] == ["tiffslide", "tifffile"]  # not OpenSlide
+    assert [b.name for b in backends_for("x.tiff")] == ["openslide", "tiffslide", "tifffile", "image"]
+    assert backends_for("x.czi") == [] and backends_for("x.txt") == []
 
 
 # -- metadata equals the reference readers ------------------------------------------------------
@@ -258,7 +296,8 @@ import json, sys
 from atlaspatch_assets.core.discovery import discover
 from atlaspatch_assets.core.discovery import discover
 from atlaspatch_assets.core.errors import SlideError
-from atlaspatch_assets.core.slide import open_slide
+from atlaspatch_assets.core.slide import BACKENDS, SUPPORTED_EXTENSIONS, SlideBackend, open_slide
+from atlaspatch_assets.core.slides import backends_for
 slides, problems = discover([sys.argv[1]])
 out = {"discovered": [s.path for s in slides]}
 try:

@@ -106,7 +106,7 @@ def test_each_bad_entry_fails_alone_at_open(tmp_path: Path) -> None:
         except SlideOpenError as e:
             outcomes[s.name] = e.reason
     assert outcomes["good"] == "ok"
-    assert outcomes["text"].startswith("not a slide or image file")
+    assert outcomes["text"].startswith("cannot open slide: not a slide or image file")
     assert outcomes["vanishing"].startswith("file not found")
 
 
@@ -118,6 +118,8 @@ def test_czi_is_reported_unsupported(tmp_path: Path) -> None:
     assert discover([tmp_path / "scan.czi"]).problems == result.problems  # given directly, too
     scan = scan_inbox([tmp_path])
     assert scan.candidates == [] and scan.problems[0][1].startswith("unsupported: .czi")
+    with pytest.raises(SlideOpenError, match="unsupported: .czi"):
+        open_slide(tmp_path / "scan.czi")
 
 
 def test_explicit_file_with_unknown_extension_is_a_problem(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ class SlideFile:
     """A slide to process: `path` is the file to open; `name` is what its id derives from."""
 
     path: str
-    name: str  # file stem, or the folder name of a DICOM series
+    name: str  # file stem, or a DICOM series' folder name (`<folder>-<uid hash>` when it holds several)
 
     @property
     def stem_key(self) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import ReadError, SlideError, SlideOpenError, SlideTooLargeError
 from ..mpp import MppResolution, resolve_mpp
 from .base import HEAD_BYTES, KNOWN_SIGNATURES, TEXT_INDEX_EXTENSIONS, SlideBackend, file_extension, sniff_format
-from .registry import SUPPORTED_EXTENSIONS, backends_for
+from .registry import SUPPORTED_EXTENSIONS, backends_for, unsupported_reason
 
 # Relative tolerance when comparing pyramid downsamples (vendors store 4.016 for "4").
 DOWNSAMPLE_TOLERANCE = 0.01
@@ -175,9 +175,12 @@ def open_slide(path: str | Path, mpp_override: float | None = None, probe: bool 
     attempts = backends_for(path)
     if not attempts:
         ext = file_extension(path)
-        raise SlideOpenError(f"unsupported extension {ext!r}; supported: {' '.join(SUPPORTED_EXTENSIONS)}")
+        why = unsupported_reason(path) or f"unsupported extension {ext!r}; supported: {' '.join(SUPPORTED_EXTENSIONS)}"
+        raise SlideOpenError(why)
     if file_extension(path) not in TEXT_INDEX_EXTENSIONS and sniff_format(head) is None:
-        raise SlideOpenError(f"not a slide or image file: its first bytes match no {KNOWN_SIGNATURES} signature")
+        raise SlideOpenError(
+            f"cannot open slide: not a slide or image file (its first bytes match no {KNOWN_SIGNATURES} signature)"
+        )
 
     errors: list[str] = []
     too_large = False

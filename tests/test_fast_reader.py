@@ -290,3 +290,28 @@ def test_truncated_slide_raises_read_error(tmp_path: Path, he_rgb: np.ndarray) -
         assert r.read_patches(np.array([[0, 0]])).shape == (1, 128, 128, 3)
         with pytest.raises(ReadError, match="truncated"):
             r.read_patches(np.array([[0, 0], [896, 640]]))
+
+
+# -- single-level TIFF read by the bounded tifffile page backend ---------------------------------------
+
+
+def test_one_strip_tiff_through_tifffile_backend(tmp_path: Path, he_rgb: np.ndarray) -> None:
+    """A 72 MB single-strip plain TIFF (tiffslide declines it): the fast path (whole strip in its
+    cache) and the fallback (the backend's row reads) both equal the reference read."""
+    rgb = np.ascontiguousarray(np.tile(he_rgb, (5, 6, 1))[:4000, :6000])
+    path = tmp_path / "one-strip.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb", rowsperstrip=4000, metadata=None)
+    slide = open_slide(path, mpp_override=0.5)
+    assert slide.backend == "tifffile"
+    corner = slide.read_region((5990, 3990), 0, (20, 20))  # hangs over the bottom-right corner
+    np.testing.assert_array_equal(corner[:10, :10], rgb[3990:, 5990:])
+    assert (corner[10:] == 255).all() and (corner[:, 10:] == 255).all()
+    g = compute_geometry(slide.info, 128, target_mag=20)
+    xy = grid_with_edges(slide.info.width, slide.info.height, g.patch_size_level0)
+    ref = np.stack([reference_patch(slide, g, x, y) for x, y in xy])
+    for cache_mb, expected in ((256.0, "fallback:tifffile"), (512.0, "tiff:tifffile-1")):
+        with FastPatchReader(path, g, slide=slide, cache_mb=cache_mb) as r:
+            got = r.read_patches(xy)
+            assert r.path.startswith(expected), r.describe()
+        np.testing.assert_array_equal(got, ref)
+    slide.close()

@@ -30,6 +30,10 @@ class SlideOpenError(SlideError):
     stage = "open"
 
 
+class SlideTooLargeError(SlideOpenError):
+    """The file cannot be read in bounded memory (e.g. a huge PNG/JPEG or one huge compressed strip)."""
+
+
 class MissingMppError(SlideError):
     stage = "mpp"
 

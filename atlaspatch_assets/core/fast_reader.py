@@ -5,8 +5,9 @@ Semantics are the pipeline's reference (`Slide.read_region` + `cv2.INTER_AREA`):
 level downsample, fractional positions interpolated bilinearly like OpenSlide), areas outside
 the image are white, and the box is area-resized to `patch_size` (no resize when equal).
 
-Fast path (tiled or stripped TIFF-family slides opened by OpenSlide — Aperio SVS, generic
-tiled TIFF, Hamamatsu NDPI — and level-0 reads of tiffslide-opened TIFFs): tile bytes are read
+Fast path (the levels a slide's backend allows through `SlideBackend.fast_path_refusal`:
+tiled or stripped TIFF-family slides opened by OpenSlide — Aperio SVS, generic tiled TIFF,
+Hamamatsu NDPI — and level-0 reads of tiffslide-opened TIFFs): tile bytes are read
 with `os.pread` and decoded with libjpeg-turbo (simplejpeg / imagecodecs; Aperio JPEGTables,
 Aperio RGB-coded JPEG, NDPI restart-interval tiles and NDPI's DCT-scaled virtual levels),
 OpenJPEG (Aperio 33003/33005) or tifffile's own codecs. A byte-bounded LRU cache plus per-pass
@@ -28,7 +29,6 @@ One `iter_batches` pass at a time per reader; memory is bounded by the tile cach
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections import OrderedDict, deque
@@ -51,8 +51,6 @@ APERIO_J2K_YCBCR = 33003
 APERIO_J2K_RGB = 33005
 # Codecs decoded through tifffile's own decoders (none, LZW, deflate, JPEG2000, zstd, webp, ...).
 TIFFFILE_CODECS = {1, 5, 8, 32946, 34712, 50000, 50001}
-# OpenSlide vendors whose pixels are plain TIFF tiles that tifffile sees the same way.
-FAST_VENDORS = {"aperio", "generic-tiff", "hamamatsu"}
 DCT_FACTORS = (2, 4, 8)
 # Scaled decode reads f * patch_size level pixels: accepted when within 1 % of read_size
 # (40x scanners are 0.2495-0.2525 µm/px, so read_size is 507-513 for 20x/256 px, not 512).
@@ -297,17 +295,9 @@ class FastPatchReader:
     def _setup_tiff(self, scaled_decode: bool) -> None:
         import tifffile
 
-        slide, info = self.slide, self.slide.info
-        if slide.backend == "openslide":
-            if info.vendor not in FAST_VENDORS:
-                self.reason = f"OpenSlide vendor {info.vendor!r} is read through read_region"
-                return
-        elif slide.backend == "tiffslide":
-            if self.level_ds != 1.0:
-                self.reason = "tiffslide slide above level 0 is read through read_region"
-                return
-        else:
-            self.reason = f"backend {slide.backend!r} is read through read_region"
+        refusal = self.slide.reader.fast_path_refusal(self.level)
+        if refusal:
+            self.reason = refusal
             return
         try:
             tf = tifffile.TiffFile(self.path_str)
@@ -721,22 +711,9 @@ def _decode_aperio_j2k(data: bytes, compression: int) -> np.ndarray:
 
 
 def read_box(slide: Slide, level: int, size: int, x: int, y: int) -> np.ndarray:
-    """`Slide.read_region` of a (size, size) box, white outside the image on every backend.
-
-    tiffslide pads outside the image with black; the pipeline's contract is white.
-    """
-    region = slide.read_region((x, y), level, (size, size))
-    if slide.backend == "tiffslide":
-        ds = slide.info.level_downsamples[level]
-        lw, lh = slide.info.level_dimensions[level]
-        lx, ly = math.floor(x / ds), math.floor(y / ds)
-        if lx < 0 or ly < 0 or lx + size > lw or ly + size > lh:
-            region = region.copy()
-            region[:, : max(0, min(size, -lx))] = 255
-            region[: max(0, min(size, -ly))] = 255
-            region[:, max(0, lw - lx) :] = 255
-            region[max(0, lh - ly) :] = 255
-    return region
+    """`Slide.read_region` of a (size, size) box (white outside the image on every backend:
+    that is part of the `SlideBackend.read_region` contract)."""
+    return slide.read_region((x, y), level, (size, size))
 
 
 def reference_patch(slide: Slide, geometry: PatchGeometry, x: int, y: int) -> np.ndarray:

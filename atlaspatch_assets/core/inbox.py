@@ -8,8 +8,9 @@ at least `quiet_seconds` apart AND it opens; a stable file that does not open is
 its one-line reason) and is re-checked only when its size/mtime change.
 
 Multi-file slides are one candidate with one signature over all their files: a DICOM series
-(every `.dcm` of a folder, named after the folder, as in `discovery.discover`) and a `.mrxs`
-with its companion folder `<stem>/` (Index.dat, Data*.dat).
+(the `.dcm` of a folder sharing a SeriesInstanceUID, named as `discovery.discover` names it) and
+a `.mrxs` with its companion folder `<stem>/` (Index.dat, Data*.dat). Extensions are the slide
+registry's, as in discovery; known formats without a reader (.czi) are `ignored` with a reason.
 
 The state is JSON (the sensor cursor): per path status pending | taken | broken | deleted |
 ignored, size, mtime, signature, since (when that signature was first seen), slide id,
@@ -32,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import fingerprint
-from .discovery import SlideFile, assign_ids
-from .slide import SUPPORTED_EXTENSIONS, open_slide
+from .discovery import SlideFile, assign_ids, dicom_series
+from .slides import file_extension, is_supported, open_slide, unsupported_reason
 
 # Names that copy tools use for files still being written (rsync, browsers, WinSCP, editors).
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", ".swp", "~")
@@ -162,10 +163,14 @@ def scan_inbox(dirs: Iterable[str | Path], recursive: bool = True) -> Scan:
             for fn in sorted(filenames):
                 if is_temp_name(fn):
                     continue
-                ext = os.path.splitext(fn)[1].lower()
-                if ext not in SUPPORTED_EXTENSIONS:
-                    continue
                 full = os.path.join(dirpath, fn)
+                why = unsupported_reason(fn)
+                if why:  # a known slide format without a reader: reported, not skipped silently
+                    scan.problems.append((full, why))
+                    continue
+                if not is_supported(fn):
+                    continue
+                ext = file_extension(fn)
                 if not _utf8(full):
                     scan.problems.append((full, "path is not valid UTF-8 (the catalog stores UTF-8); rename it"))
                     continue
@@ -188,8 +193,12 @@ def scan_inbox(dirs: Iterable[str | Path], recursive: bool = True) -> Scan:
                     continue
                 members = [full] + (_companion_files(Path(full)) if ext == ".mrxs" else [])
                 _add(scan, seen_keys, full, full, Path(fn).stem, members)
-            if dicoms:  # a DICOM series: one slide named after its folder (as discovery does)
-                _add(scan, seen_keys, dirpath, dicoms[0], os.path.basename(dirpath), dicoms)
+            # DICOM: one slide per SeriesInstanceUID, named as discovery names it; the folder's
+            # only series is keyed by the folder (as before), others by their first file.
+            for series in dicom_series(os.path.basename(dirpath), [Path(f) for f in dicoms]):
+                members = [str(m) for m in series.members]
+                key = dirpath if series.whole_folder else members[0]
+                _add(scan, seen_keys, key, members[0], series.name, members)
     return scan
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from atlaspatch_assets.cli.options import cli_ref
 from atlaspatch_assets.core.encoders import (
     ENCODERS,
     WEIGHTS_DIR_ENV,
@@ -35,6 +36,7 @@ from atlaspatch_assets.core.encoders import (
     resolve_weights,
 )
 from atlaspatch_assets.core.errors import UsageError
+from atlaspatch_assets.core.params import render_refs
 
 CMU = Path(__file__).resolve().parents[1].parent / "shared" / "slides" / "real" / "CMU-1-Small-Region.svs"
 
@@ -295,7 +297,7 @@ def test_hf_cache_lookup_is_local_only(tmp_path: Path) -> None:
 def test_missing_weights_error_says_how_to_provide_them(tmp_path: Path) -> None:
     with pytest.raises(WeightsNotFoundError) as info:
         Encoder.load("uni_v1", weights_dir=tmp_path, hf_cache_dir=tmp_path)  # fails before building the ViT-L
-    msg = str(info.value)
+    msg = render_refs(str(info.value), cli_ref)  # as the CLI shows it
     needles = ["uni_v1", "MahmoodLab/UNI", "pytorch_model.bin", "--weights-dir", "--encoder-weights uni_v1="]
     for needle in [*needles, WEIGHTS_DIR_ENV, "never downloaded", str(tmp_path)]:
         assert needle in msg, needle

@@ -22,11 +22,11 @@ from atlaspatch_assets import __version__
 from atlaspatch_assets.core.errors import GeometryError, MissingMppError
 from atlaspatch_assets.core.geometry import compute_geometry
 from atlaspatch_assets.core.patches import read_patch
+from atlaspatch_assets.core.segmentation import SegmentationParams
+from atlaspatch_assets.core.slide import open_slide
 from atlaspatch_assets.core.stages.coords import CoordsParams, compute_patch_coords, save_patch_coords
 from atlaspatch_assets.core.stages.mask import compute_tissue_mask, save_tissue_mask
 from atlaspatch_assets.core.store import RunLayout
-from atlaspatch_assets.core.segmentation import SegmentationParams
-from atlaspatch_assets.core.slide import open_slide
 from atlaspatch_assets.core.tiling import lattice
 
 PATCH = 256

@@ -15,12 +15,12 @@ import pytest
 from conftest import CMU, PNG, truncated_copy
 from dagster import DagsterInstance
 
-from atlaspatch_assets.core.discovery import SlideFile, discover
-from atlaspatch_assets.core.tiling import DEFAULT_MIN_TISSUE_FRACTION
 from atlaspatch_assets.cli.runner import RunSettings, SlideOutcome, run_slides
+from atlaspatch_assets.core.discovery import SlideFile, discover
 from atlaspatch_assets.core.source import SlideSourceParams
 from atlaspatch_assets.core.stages import CoordsParams, MaskParams, StagePlan
 from atlaspatch_assets.core.store import GeometryParams
+from atlaspatch_assets.core.tiling import DEFAULT_MIN_TISSUE_FRACTION
 
 ALLOWED_SUFFIXES = (".h5", ".geojson", ".png", ".parquet")
 

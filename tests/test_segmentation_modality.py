@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import CMU, NDPI
 
-from atlaspatch_assets.core.stages.mask import compute_tissue_mask, save_tissue_mask
-from atlaspatch_assets.core.store import RunLayout
 from atlaspatch_assets.core.segmentation import SegmentationParams, segment_tissue
 from atlaspatch_assets.core.segmentation.modality import detect_modality
 from atlaspatch_assets.core.slide import open_slide
+from atlaspatch_assets.core.stages.mask import compute_tissue_mask, save_tissue_mask
+from atlaspatch_assets.core.store import RunLayout
 
 
 def _thumb(path: Path, mpp: float = 8.0) -> tuple[np.ndarray, float]:

@@ -22,9 +22,11 @@ import tifffile
 from conftest import BOXES_TIFF, BROKEN, CMU, DICOM, JPEG, KIDNEY, NDPI, PNG, SMALL16, truncated_copy
 from PIL import Image
 
+from atlaspatch_assets.cli.options import cli_ref
 from atlaspatch_assets.core.discovery import discover
 from atlaspatch_assets.core.errors import ReadError, SlideOpenError, SlideTooLargeError, UsageError
 from atlaspatch_assets.core.mpp import load_mpp_csv
+from atlaspatch_assets.core.params import render_refs
 from atlaspatch_assets.core.slide import BACKENDS, SUPPORTED_EXTENSIONS, SlideBackend, open_slide
 from atlaspatch_assets.core.slides import backends_for
 
@@ -164,7 +166,7 @@ def test_implausible_resolution_tag_is_rejected() -> None:
         info = slide.info
     assert info.mpp is None
     assert info.magnification is None
-    assert info.mpp_problem and "--mpp-csv" in info.mpp_problem
+    assert info.mpp_problem and "--mpp-csv" in render_refs(info.mpp_problem, cli_ref)
     assert "\n" not in info.mpp_problem
 
 
@@ -172,7 +174,7 @@ def test_implausible_resolution_tag_is_rejected() -> None:
 def test_no_mpp_names_mpp_csv_and_override_wins(path: Path) -> None:
     with open_slide(path) as slide:
         assert slide.info.mpp is None
-        assert slide.info.mpp_problem and "--mpp-csv" in slide.info.mpp_problem
+        assert slide.info.mpp_problem and "--mpp-csv" in render_refs(slide.info.mpp_problem, cli_ref)
         with pytest.raises(ReadError):
             slide.read_thumbnail(8.0)
     with open_slide(path, mpp_override=0.5) as slide:

@@ -39,6 +39,10 @@ def dest_of(p: ParamInfo) -> str:
 
 def cli_ref(section: str, name: str) -> str:
     """A parameter reference rendered for the command line (the flag, or the field name)."""
+    if not FLAGS:
+        from . import slides  # noqa: F401  (defining the commands records their flags)
+    if (section, name) == ("features", "encoders"):
+        return "--feature-extractors"
     return FLAGS.get((section, name), f"{section}.{name}")
 
 
@@ -124,9 +128,7 @@ def options_for(
     keep = set(only) if only is not None else None
     skip = set(exclude)
     params = [
-        p
-        for p in params_of(cls)
-        if flag_of(p) is not None and p.name not in skip and (keep is None or p.name in keep)
+        p for p in params_of(cls) if flag_of(p) is not None and p.name not in skip and (keep is None or p.name in keep)
     ]
     if keep is not None:
         order = list(only or ())

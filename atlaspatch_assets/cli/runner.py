@@ -167,7 +167,9 @@ def summarize(slide_id: str, path: str, outcomes: list[Outcome], layout: RunLayo
     return o
 
 
-def register_slides(slides: Sequence[SlideFile], settings: RunSettings, instance: DagsterInstance) -> dict[str, SlideFile]:
+def register_slides(
+    slides: Sequence[SlideFile], settings: RunSettings, instance: DagsterInstance
+) -> dict[str, SlideFile]:
     """Slide ids for the files (ids already bound to a path stay), catalog rows and partitions."""
     layout = settings.layout
     source = SlideSource(_catalog(layout), settings.source)

@@ -38,8 +38,16 @@ def _common(fn: Callable[..., Any], coords: bool) -> Callable[..., Any]:
         options_for(
             GeometryParams,
             overrides={
-                "patch_size": {"default": None, "show_default": False, "help": "Patch side at the target magnification (px)  " + REQUIRED},
-                "target_mag": {"default": None, "show_default": False, "help": "Target magnification, e.g. 20 (= 0.5 µm/px); this or --target-mpp is required"},
+                "patch_size": {
+                    "default": None,
+                    "show_default": False,
+                    "help": "Patch side at the target magnification (px)  " + REQUIRED,
+                },
+                "target_mag": {
+                    "default": None,
+                    "show_default": False,
+                    "help": "Target magnification, e.g. 20 (= 0.5 µm/px); this or --target-mpp is required",
+                },
             },
         ),
         click.option(

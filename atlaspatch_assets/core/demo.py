@@ -57,5 +57,3 @@ def build_demo_slide(path: str | Path, width: int = 6144, height: int = 4096, se
             )
     os.replace(tmp, path)
     return path
-
-

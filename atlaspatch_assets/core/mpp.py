@@ -88,7 +88,9 @@ def resolve_mpp(
         problem = f"no plausible MPP ({', '.join(rejected)} outside {MPP_MIN}-{MPP_MAX})"
     else:
         problem = "no MPP in the slide metadata"
-    return MppResolution(None, None, objective, problem + f"; give it with {ref('slide_source', 'mpp_csv')} (columns wsi,mpp)")
+    return MppResolution(
+        None, None, objective, problem + f"; give it with {ref('slide_source', 'mpp_csv')} (columns wsi,mpp)"
+    )
 
 
 def load_mpp_csv(path: str | Path) -> dict[str, float]:

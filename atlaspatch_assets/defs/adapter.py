@@ -94,9 +94,7 @@ class PartitionReporter:
         self.layout = layout
         self.failures: list[Outcome] = []
         self.selected_checks = {(k.asset_key, k.name) for k in context.selected_asset_check_keys}
-        self.code_versions = {
-            k: context.assets_def.code_versions_by_key.get(k) for k in context.assets_def.keys
-        }
+        self.code_versions = {k: context.assets_def.code_versions_by_key.get(k) for k in context.assets_def.keys}
 
     def report(self, partition: str, outcomes: Sequence[Outcome]) -> None:
         for o in outcomes:

@@ -90,7 +90,9 @@ def build_definitions(
 
         registry = models.cache.registry
         names = list(encoders) if encoders is not None else configured_encoders()
-        targets = [parse_target(n) for n in (slide_encoders if slide_encoders is not None else configured_slide_encoders())]
+        targets = [
+            parse_target(n) for n in (slide_encoders if slide_encoders is not None else configured_slide_encoders())
+        ]
         names += [t.patch_encoder for t in targets if t.patch_encoder not in names]
         names = [registry.spec(n).name for n in names]
     slide_assets = build_slide_assets(names, targets, registry)

@@ -4,7 +4,6 @@ partitions asked for, read through the store layout (whatever the store format).
 write their stores themselves (atomically, then the catalog), so there is nothing to handle on output.
 """
 
-
 from typing import Any
 
 from dagster import ConfigurableIOManager, InputContext, OutputContext, ResourceDependency

@@ -49,7 +49,9 @@ class SlideSourceResource(derive(ConfigurableResource, SlideSourceParams, "_Sour
     @property
     def source(self) -> SlideSource:
         if self._source is None:
-            self._source = SlideSource(Catalog(os.path.join(self.output_dir, "catalog")), to_params(SlideSourceParams, self))
+            self._source = SlideSource(
+                Catalog(os.path.join(self.output_dir, "catalog")), to_params(SlideSourceParams, self)
+            )
         return self._source
 
     @property

@@ -167,4 +167,6 @@ def upstream_missing(env: StageEnv, slide_id: str, asset: str, upstream: str, wh
     if cause is not None:
         why = str(cause.get("error") or "no message").removeprefix(f"{slide_id}: ")
         return StoreMissingError(f"{what}: {upstream} failed: {why}", slide=slide_id, stage=asset)
-    return StoreMissingError(f"{what} in {env.layout.root.name}; materialize {upstream} first", slide=slide_id, stage=asset)
+    return StoreMissingError(
+        f"{what} in {env.layout.root.name}; materialize {upstream} first", slide=slide_id, stage=asset
+    )

@@ -179,7 +179,9 @@ def save_patch_coords(
     datasets = {
         COORDS: DatasetWrite(result.coords.reshape(-1, 2), coords_attrs, chunk_rows=rows),
         COORDS_EXT: DatasetWrite(
-            result.coords_ext(), {"columns": ["x", "y", "w", "h", "level"], "level_coordinates": "level0"}, chunk_rows=rows
+            result.coords_ext(),
+            {"columns": ["x", "y", "w", "h", "level"], "level_coordinates": "level0"},
+            chunk_rows=rows,
         ),
         TISSUE_FRACTION: DatasetWrite(result.tissue_fraction, chunk_rows=rows),
     }

@@ -1,7 +1,6 @@
 """`patient_features/<name>` over the `patients` partitions: one embedding per case from the
 slide embeddings of its slides (or the model's own case aggregator), through the shared adapter."""
 
-
 from collections.abc import Sequence
 from typing import Any
 

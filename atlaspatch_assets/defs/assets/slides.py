@@ -4,7 +4,6 @@ selected stage in one step (`core.stages.run_slide`), each encoder's pixels are 
 a slide that fails stops only its own downstream stages (see `defs.adapter` for what the UI shows).
 """
 
-
 import os
 import warnings
 from collections.abc import Sequence
@@ -150,7 +149,9 @@ def _check_specs(encoders: Sequence[str]) -> list[AssetCheckSpec]:
     common: dict[str, Any] = {"partitions_def": slides_partitions}
     checks = [
         AssetCheckSpec("has_tissue", asset="tissue_mask", description="The mask finds tissue.", **common),
-        AssetCheckSpec("has_patches", asset="patch_coords", description="Coordinates exist and are non-empty.", **common),
+        AssetCheckSpec(
+            "has_patches", asset="patch_coords", description="Coordinates exist and are non-empty.", **common
+        ),
     ]
     checks += [
         AssetCheckSpec(
@@ -206,8 +207,9 @@ def build_slide_assets(encoders: Sequence[str], targets: Sequence[SlideTarget], 
         models: ModelsResource,
         reporter: ReporterResource,
     ):
-        from ...core.errors import UsageError
         from dagster import Failure
+
+        from ...core.errors import UsageError
 
         try:
             plan = plan_for(context, config, compute, targets)

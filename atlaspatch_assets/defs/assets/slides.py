@@ -23,7 +23,6 @@ from dagster import (
 )
 from pydantic import Field
 
-from ...core.errors import SlideError
 from ...core.params import check_params
 from ...core.stages import (
     CoordsParams,
@@ -33,11 +32,10 @@ from ...core.stages import (
     SlideTarget,
     StageEnv,
     StagePlan,
-    run_slide,
 )
-from ...core.stages.base import failed
 from ..adapter import PartitionReporter, asset_key, dagster_ref, selected_names
 from ..config import derive, to_params
+from ..execution import execute_locally, resolve_refs
 from ..partitions import slides_partitions
 from ..resources import ComputeResource, ModelsResource, ReporterResource, SlideSourceResource, StoreResource
 
@@ -225,18 +223,13 @@ def build_slide_assets(encoders: Sequence[str], targets: Sequence[SlideTarget], 
             on_progress=reporter.progress_callback(),
         )
         out = PartitionReporter(context, layout)
-        for sid in context.partition_keys:
-            try:
-                ref = slide_source.ref(sid)
-            except SlideError as e:
-                reason = env.reason(e, sid, "open")
-                outcomes = [failed(a, sid, reason) for a in plan.assets]
-                for o in outcomes:
-                    env.record(o)
-            else:
-                outcomes = run_slide(ref, plan, env, models.cache)
+
+        def report(sid: str, outcomes: list) -> None:
             out.report(sid, outcomes)
             reporter.outcomes(sid, outcomes)
+
+        refs = resolve_refs(list(context.partition_keys), plan, env, slide_source)
+        execute_locally(refs, plan, env, models, report)
         out.finish()
         yield from ()
 

@@ -133,7 +133,8 @@ def setup_logging(verbose: bool) -> None:
 
 
 def _usage(e: Exception) -> click.UsageError:
-    return click.UsageError(render_refs(" ".join(str(e).split()), cli_ref))
+    text = e.raw if isinstance(e, UsageError) else str(e)
+    return click.UsageError(render_refs(" ".join(text.split()), cli_ref))
 
 
 def build_settings(kw: dict[str, Any], stages: tuple[str, ...]) -> Any:

@@ -51,4 +51,13 @@ class ReadError(SlideError):
 
 
 class UsageError(ValueError):
-    """Invalid user options (CLI exit code 2); the message may hold parameter references."""
+    """Invalid user options (CLI exit code 2); `raw` may hold parameter references."""
+
+    @property
+    def raw(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        from .params import render_refs
+
+        return render_refs(self.raw)

@@ -8,6 +8,7 @@ Readers never name datasets: `store.coords()`, `store.features("uni_v1")`; write
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -36,6 +37,16 @@ class DatasetWrite:
 
 
 AttrsUpdate = Callable[[dict[str, Any]], Mapping[str, Any]]
+LOCK_TIMEOUT_ENV = "ATLASPATCH_LOCK_TIMEOUT"
+
+
+def lock_timeout() -> float:
+    """Seconds a writer waits for another writer of the same slide ($ATLASPATCH_LOCK_TIMEOUT, 600);
+    running out is a transient error (retried), not a failure of the slide."""
+    try:
+        return max(0.0, float(os.environ.get(LOCK_TIMEOUT_ENV, "600")))
+    except ValueError:
+        return 600.0
 
 
 def json_attr(v: Any) -> Any:
@@ -82,7 +93,8 @@ class SlideStore(ABC):
         """All dataset names."""
 
     @abstractmethod
-    def lock(self, timeout: float = 600.0) -> AbstractContextManager[None]: ...
+    def lock(self, timeout: float | None = None) -> AbstractContextManager[None]:
+        """The per-slide writer lock (`timeout` default: $ATLASPATCH_LOCK_TIMEOUT, 600 s)."""
 
     @abstractmethod
     def write(

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 from filelock import FileLock
 
-from .base import AttrsUpdate, DatasetWrite, SlideStore
+from .base import AttrsUpdate, DatasetWrite, SlideStore, lock_timeout
 from .files import TMP_MARK, temp_name
 
 
@@ -52,9 +52,9 @@ class H5SlideStore(SlideStore):
         return self.path.with_name(f".{self.path.name}.lock")
 
     @contextmanager
-    def lock(self, timeout: float = 600.0) -> Iterator[None]:
+    def lock(self, timeout: float | None = None) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.lock_path), timeout=timeout):
+        with FileLock(str(self.lock_path), timeout=lock_timeout() if timeout is None else timeout):
             yield
 
     def exists(self) -> bool:

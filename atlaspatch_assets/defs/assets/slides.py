@@ -212,7 +212,7 @@ def build_slide_assets(encoders: Sequence[str], targets: Sequence[SlideTarget], 
         try:
             plan = plan_for(context, config, compute, targets)
         except UsageError as e:
-            raise Failure(description=dagster_ref_text(str(e)), allow_retries=False) from e
+            raise Failure(description=dagster_ref_text(e.raw), allow_retries=False) from e
         layout = store.layout
         env = StageEnv(
             layout=layout,

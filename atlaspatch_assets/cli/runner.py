@@ -19,8 +19,9 @@ from dagster import AssetKey, DagsterInstance
 
 from ..core.discovery import SlideFile, assign_ids
 from ..core.params import params_of
+from ..core.signals import last_signal, stop_on_signals
 from ..core.source import SlideSource, SlideSourceParams
-from ..core.stages import FAILED, SKIPPED, ModelParams, Outcome, StagePlan
+from ..core.stages import FAILED, SKIPPED, ModelParams, Outcome, StageInterrupted, StagePlan
 from ..core.store import GeometryParams, RunLayout
 from ..defs import jobs
 from ..defs.definitions import build_definitions
@@ -52,13 +53,33 @@ class RunSettings:
         return RunLayout.from_params(os.path.abspath(self.output), self.geometry)
 
 
+INTERRUPTED, NOT_STARTED = "interrupted", "not started"
+
+
+def was_interrupted(result: Any) -> bool:
+    """The run was stopped by a signal (Dagster's own interrupt handling, before our step ran)."""
+    for ev in result.all_events:
+        err = ev.step_failure_data.error if ev.is_step_failure and ev.step_failure_data else None
+        if err is not None and "Interrupt" in (err.cls_name or ""):
+            return True
+    return any(ev.event_type_value == "PIPELINE_CANCELED" for ev in result.all_events)
+
+
+def interrupted_reason() -> str:
+    import signal
+
+    signum = last_signal()
+    name = signal.Signals(signum).name if signum else "a stop signal"
+    return f"interrupted by {name}: abandoned, nothing of it recorded done; run again to finish it"
+
+
 @dataclass
 class SlideOutcome:
     """One slide's line in the summary."""
 
     slide_id: str
     path: str
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | failed | interrupted | not started
     reason: str = ""
     num_patches: int | None = None
     tissue_fraction: float | None = None
@@ -157,6 +178,8 @@ def summarize(slide_id: str, path: str, outcomes: list[Outcome], layout: RunLayo
         o.status = SKIPPED
     for x in outcomes:
         o.warnings += [w for w in x.warnings if w not in o.warnings]
+    # "no tissue detected" (mask) is said again by "no tissue detected: 0 patches" (coords)
+    o.warnings = [w for w in o.warnings if not any(v != w and v.startswith(w) for v in o.warnings)]
     store = layout.store(slide_id)
     attrs = store.attrs()
     o.mpp = attrs.get("mpp")
@@ -210,23 +233,38 @@ def run_slides(
         selection = [AssetKey(a.split("/")) for a in settings.plan.assets]
         layout = settings.layout
         outcomes: list[SlideOutcome] = []
-        for slide_id, sf in ids.items():
-            t0 = time.perf_counter()
-            result = job.execute_in_process(
-                run_config=cfg,
-                instance=instance,
-                partition_key=slide_id,
-                raise_on_error=False,
-                asset_selection=selection,
-            )
-            got = collector.by_slide.pop(slide_id, [])
-            o = summarize(slide_id, sf.path, got, layout)
-            if not got and not result.success:  # the run failed before any stage ran
-                o.status, o.reason = FAILED, failure_reason(result) or "run failed"
-            o.seconds, o.run_id = time.perf_counter() - t0, result.run_id
-            outcomes.append(o)
-            if on_progress:
-                on_progress(o)
+        current: tuple[str, SlideFile, float] | None = None
+        try:
+            with stop_on_signals():  # between runs; inside a run the step handles them the same way
+                for slide_id, sf in ids.items():
+                    current = (slide_id, sf, time.perf_counter())
+                    result = job.execute_in_process(
+                        run_config=cfg,
+                        instance=instance,
+                        partition_key=slide_id,
+                        raise_on_error=False,
+                        asset_selection=selection,
+                    )
+                    got = collector.by_slide.pop(slide_id, [])
+                    o = summarize(slide_id, sf.path, got, layout)
+                    if not got and not result.success:  # the run failed before any stage ran
+                        o.status, o.reason = FAILED, failure_reason(result) or "run failed"
+                    o.seconds, o.run_id = time.perf_counter() - current[2], result.run_id
+                    current = None
+                    if last_signal() or (not got and was_interrupted(result)):
+                        o.status, o.reason = INTERRUPTED, interrupted_reason()
+                        outcomes.append(o)
+                        break
+                    outcomes.append(o)
+                    if on_progress:
+                        on_progress(o)
+        except StageInterrupted:
+            if current is not None:
+                sid, sf, t0 = current
+                o = SlideOutcome(sid, sf.path, INTERRUPTED, interrupted_reason(), seconds=time.perf_counter() - t0)
+                outcomes.append(o)
+        done = {o.slide_id for o in outcomes}
+        outcomes += [SlideOutcome(k, sf.path, NOT_STARTED) for k, sf in ids.items() if k not in done]
         _catalog(layout).maybe_compact()  # keeps catalog reads fast after many small appends
         return outcomes
     finally:

@@ -227,9 +227,14 @@ def run_command(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         console.print(f"[red]error[/red] {p}")
     if not slides:
         raise click.UsageError("no supported slide files found in " + ", ".join(kw["wsi_path"]))
+    from ..core import signals
+
+    signals.reset()
     with ProgressReporter(console, total=len(slides), enabled=not kw["verbose"]) as progress:
         outcomes = run_slides(slides, settings, on_progress=progress.advance, on_patches=progress.patches)
     print_summary(console, outcomes, settings.layout.root)
+    if any(o.status == "interrupted" for o in outcomes):
+        sys.exit(signals.exit_code(signals.last_signal() or 2))  # 143 SIGTERM, 130 SIGINT
     failed = [o for o in outcomes if o.status == "failed"]
     sys.exit(1 if failed or problems else 0)
 

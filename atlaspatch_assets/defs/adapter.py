@@ -11,7 +11,8 @@ materialized) while the others are Materialized — also in batched backfill run
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from dagster import (
@@ -22,6 +23,7 @@ from dagster import (
     AssetMaterialization,
     Failure,
     MetadataValue,
+    RetryRequested,
 )
 from dagster._core.definitions.data_version import (
     CODE_VERSION_TAG,
@@ -31,11 +33,17 @@ from dagster._core.definitions.data_version import (
 )
 
 from ..core.checks import checks_for
-from ..core.stages import Outcome
+from ..core.signals import stop_on_signals
+from ..core.stages import Outcome, StageInterrupted
 from ..core.store import RunLayout
 
 RESOURCES = ("store", "slide_source", "compute", "models")
 MAX_FAILURES_IN_MESSAGE = 10
+# A step whose failures are all transient I/O errors (they outlived core.retry's in-place retries)
+# is run again; the good slides are skipped by recipe then. Deterministic failures and stops by
+# signal are never retried (no RetryPolicy on the assets: Dagster would retry interrupts too).
+STEP_RETRIES = 2
+STEP_RETRY_DELAY = 5.0
 
 
 def dagster_ref(section: str, name: str) -> str:
@@ -93,10 +101,12 @@ class PartitionReporter:
         self.context = context
         self.layout = layout
         self.failures: list[Outcome] = []
+        self.reported: list[str] = []
         self.selected_checks = {(k.asset_key, k.name) for k in context.selected_asset_check_keys}
         self.code_versions = {k: context.assets_def.code_versions_by_key.get(k) for k in context.assets_def.keys}
 
     def report(self, partition: str, outcomes: Sequence[Outcome]) -> None:
+        self.reported.append(partition)
         for o in outcomes:
             key = asset_key(o.asset)
             if o.ok:
@@ -146,12 +156,29 @@ class PartitionReporter:
         lines = [o.reason for o in roots.values()]
         shown = lines[:MAX_FAILURES_IN_MESSAGE]
         more = f"; … and {len(lines) - len(shown)} more" if len(lines) > len(shown) else ""
-        raise Failure(
+        failure = Failure(
             description=(f"{len(roots)} partitions failed: " if len(roots) > 1 else "") + "; ".join(shown) + more,
             metadata={"failed_partitions": ", ".join(sorted(roots)), "failed_stages": len(self.failures)},
-            # only a transient I/O error is worth a step retry; a deterministic one fails once
-            allow_retries=all(o.transient for o in self.failures),
+            allow_retries=False,
         )
+        if all(o.transient for o in self.failures):
+            raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=STEP_RETRY_DELAY) from failure
+        raise failure
+
+
+@contextmanager
+def interruptible(context: AssetExecutionContext, reporter: PartitionReporter) -> Iterator[None]:
+    """SIGTERM/SIGINT stop the step now: the slide in progress is abandoned (nothing half-written,
+    no catalog event), the unfinished slides are named, and the step fails as interrupted (not retried)."""
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    try:
+        with stop_on_signals():
+            yield
+    except StageInterrupted as e:
+        left = [p for p in context.partition_keys if p not in reporter.reported]
+        context.log.error(f"stopped by signal {e.signum}: {len(left)} unfinished partition(s): {', '.join(left)}")
+        raise DagsterExecutionInterruptedError(f"stopped by signal {e.signum}") from e
 
 
 def selected_names(context: AssetExecutionContext, prefix: str) -> list[str]:

@@ -16,9 +16,7 @@ from dagster import (
     AssetKey,
     AssetSpec,
     BackfillPolicy,
-    Backoff,
     Config,
-    RetryPolicy,
     multi_asset,
 )
 from pydantic import Field
@@ -33,7 +31,7 @@ from ...core.stages import (
     StageEnv,
     StagePlan,
 )
-from ..adapter import PartitionReporter, asset_key, dagster_ref, selected_names
+from ..adapter import PartitionReporter, asset_key, dagster_ref, interruptible, selected_names
 from ..config import derive, to_params
 from ..execution import execute_locally, resolve_refs
 from ..partitions import slides_partitions
@@ -61,10 +59,6 @@ def backfill_batch_size() -> int:
         return DEFAULT_BATCH_SIZE
     return value
 
-
-# Step-level retry only for transient I/O errors that outlived the in-place retries of
-# core.retry (the adapter's Failure allows retries only then).
-io_retry = RetryPolicy(max_retries=2, delay=2.0, backoff=Backoff.EXPONENTIAL)
 
 MaskConfig = derive(Config, MaskParams, "MaskConfig")
 CoordsConfig = derive(Config, CoordsParams, "CoordsConfig")
@@ -194,7 +188,6 @@ def build_slide_assets(encoders: Sequence[str], targets: Sequence[SlideTarget], 
         check_specs=_check_specs(encoders),
         can_subset=True,
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=backfill_batch_size()),
-        retry_policy=io_retry,
     )
     def slide_stages(
         context: AssetExecutionContext,
@@ -228,8 +221,9 @@ def build_slide_assets(encoders: Sequence[str], targets: Sequence[SlideTarget], 
             out.report(sid, outcomes)
             reporter.outcomes(sid, outcomes)
 
-        refs = resolve_refs(list(context.partition_keys), plan, env, slide_source)
-        execute_locally(refs, plan, env, models, report)
+        with interruptible(context, out):
+            refs = resolve_refs(list(context.partition_keys), plan, env, slide_source)
+            execute_locally(refs, plan, env, models, report)
         out.finish()
         yield from ()
 

@@ -81,7 +81,7 @@ def test_cli_defaults_are_the_core_defaults() -> None:
             p = core[key]
             default = opt.default
             if p.base_type in (dict, list) or isinstance(p.default, (dict, list)):
-                assert opt.multiple and (not default or getattr(default, 'name', '') == 'UNSET'), key
+                assert opt.multiple and (not default or getattr(default, "name", "") == "UNSET"), key
             elif key in CLI_REQUIRED:
                 assert default is None, key
             else:

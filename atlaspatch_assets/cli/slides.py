@@ -134,7 +134,8 @@ def setup_logging(verbose: bool) -> None:
 
 def _usage(e: Exception) -> click.UsageError:
     text = e.raw if isinstance(e, UsageError) else str(e)
-    return click.UsageError(render_refs(" ".join(text.split()), cli_ref))
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return click.UsageError(render_refs("\n".join(lines), cli_ref))
 
 
 def build_settings(kw: dict[str, Any], stages: tuple[str, ...]) -> Any:
@@ -164,11 +165,6 @@ def build_settings(kw: dict[str, Any], stages: tuple[str, ...]) -> Any:
     mask = params_from(MaskParams, kw, skip_existing=skip)
     if mask.sam2_checkpoint:
         mask = dataclasses.replace(mask, sam2_checkpoint=os.path.abspath(mask.sam2_checkpoint))
-    if mask.method == "sam2" and not mask.sam2_checkpoint:
-        raise UsageError(
-            "--seg-method sam2 needs a local checkpoint: --sam2-checkpoint PATH "
-            "(or ATLASPATCH_SAM2_CHECKPOINT); weights are never downloaded"
-        )
     coords = params_from(CoordsParams, kw, skip_existing=skip) if "patch_coords" in stages else None
     compute = params_from(ComputeParams, kw)
     models = params_from(ModelParams, kw)
@@ -193,6 +189,11 @@ def build_settings(kw: dict[str, Any], stages: tuple[str, ...]) -> Any:
         embedding=SlideEmbeddingParams(skip_existing=skip),
         compute=compute,
     )
+    from ..core.stages.preflight import plan_problems
+
+    problems = plan_problems(plan, models)
+    if problems:
+        raise UsageError("cannot start:\n  - " + "\n  - ".join(problems))
     return RunSettings(kw["output"], geometry, plan, source, models, kw["verbose"])
 
 
@@ -207,6 +208,26 @@ def _check_encoders(names: list[str], models: ModelParams) -> list[str]:
         return list(dict.fromkeys(registry.spec(n).name for n in names))
     except (UnknownEncoderError, PluginError) as e:
         raise UsageError(str(e)) from e
+
+
+def lattice_problems(slides: list[Any], settings: Any) -> list[str]:
+    """Slides whose patch lattice would not fit the memory cap (checked from their headers)."""
+    from ..core.slide import open_slide
+    from ..core.source import SlideSource
+    from ..core.stages.coords import check_lattice
+
+    source = SlideSource(None, settings.source)  # type: ignore[arg-type]  (no catalog needed)
+    problems = []
+    for sf in slides:
+        try:
+            with open_slide(sf.path, mpp_override=source.mpp_for(sf.stem_key, sf.path), probe=False) as s:
+                check_lattice(s.info, settings.layout, settings.plan.coords.max_lattice)
+        except UsageError:
+            raise
+        except Exception as e:  # unopenable or no MPP: that slide fails alone later, with its reason
+            if "lattice" in str(e):
+                problems.append(f"{sf.path}: {e.reason if hasattr(e, 'reason') else e}")
+    return problems
 
 
 def run_command(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
@@ -227,6 +248,10 @@ def run_command(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         console.print(f"[red]error[/red] {p}")
     if not slides:
         raise click.UsageError("no supported slide files found in " + ", ".join(kw["wsi_path"]))
+    if settings.plan.coords is not None:
+        too_big = lattice_problems(slides, settings)
+        if too_big:
+            raise _usage(UsageError("cannot start:\n  - " + "\n  - ".join(too_big)))
     from ..core import signals
 
     signals.reset()

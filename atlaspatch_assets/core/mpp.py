@@ -14,6 +14,7 @@ from .errors import UsageError
 from .params import ref
 
 MPP_MIN, MPP_MAX = 0.05, 20.0
+_CSV = ref("slide_source", "mpp_csv")
 _UNIT_TO_UM = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "millimeter": 1e3, "micrometer": 1.0}
 
 
@@ -97,21 +98,30 @@ def load_mpp_csv(path: str | Path) -> dict[str, float]:
     """{file stem: mpp} from a CSV with columns `wsi` and `mpp` (seed format)."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--mpp-csv: file not found: {path}")
+        raise UsageError(f"{_CSV}: file not found: {path}")
     out: dict[str, float] = {}
+    first_line: dict[str, int] = {}
+    conflicts: list[str] = []
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
         if "wsi" not in cols or "mpp" not in cols:
-            raise UsageError(f"--mpp-csv {path}: needs columns 'wsi' and 'mpp', found {reader.fieldnames}")
+            raise UsageError(f"{_CSV} {path}: needs columns 'wsi' and 'mpp', found {reader.fieldnames}")
         for i, row in enumerate(reader, start=2):
             name = (row.get(cols["wsi"]) or "").strip()
             value = _f(row.get(cols["mpp"]))
             if not name:
                 continue
             if value is None or not (MPP_MIN <= value <= MPP_MAX):
-                raise UsageError(f"--mpp-csv {path}:{i}: mpp {row.get(cols['mpp'])!r} not in {MPP_MIN}-{MPP_MAX}")
-            out[stem_of(name)] = value
+                raise UsageError(f"{_CSV} {path}:{i}: mpp {row.get(cols['mpp'])!r} not in {MPP_MIN}-{MPP_MAX}")
+            stem = stem_of(name)
+            if stem in out and out[stem] != value:  # which one is right? the user must say
+                conflicts.append(f"{stem!r}: {out[stem]:g} (line {first_line[stem]}) vs {value:g} (line {i})")
+                continue
+            out[stem] = value
+            first_line.setdefault(stem, i)
+    if conflicts:
+        raise UsageError(f"{_CSV} {path}: conflicting rows for one slide: {'; '.join(conflicts)}")
     return out
 
 

@@ -12,8 +12,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import GeometryError
 from ..geometry import PatchGeometry, compute_geometry
-from ..params import param, recipe_hash
+from ..params import param, recipe_hash, ref
 from ..patches import read_patches
 from ..slide import SlideInfo
 from ..source import SlideHandle
@@ -46,6 +47,12 @@ class CoordsParams:
         DEFAULT_WORKERS, "Threads reading patches (--no-fast-mode, --save-images)", recipe=False, ge=1
     )
     write_batch: int = param(8192, "Rows per chunk of the coordinate datasets", recipe=False, ge=1)
+    max_lattice: int = param(
+        50_000_000,
+        "Refuse a slide whose patch lattice has more positions (~56 bytes each in memory)",
+        recipe=False,
+        ge=1,
+    )
     skip_existing: bool = param(True, "Reuse stored coordinates whose recipe matches", recipe=False, cli="")
 
     def recipe(self) -> dict[str, Any]:
@@ -94,11 +101,28 @@ def layout_geometry(info: SlideInfo, layout: RunLayout) -> PatchGeometry:
     return compute_geometry(info, layout.patch_size, layout.step_size, target_mpp=layout.target_mpp)
 
 
+LATTICE_BYTES = 56  # per position while tiling: coords int32 ×2, fraction float32, mask boxes int64 ×4, keep
+
+
+def check_lattice(info: SlideInfo, layout: RunLayout, cap: int) -> None:
+    """GeometryError when the lattice would not fit the memory cap (e.g. a 1 px step on a big slide)."""
+    from .preflight import lattice_positions
+
+    n = lattice_positions(info, layout)
+    if n > cap:
+        raise GeometryError(
+            f"the patch lattice would have {n:,} positions (~{n * LATTICE_BYTES / 2**30:.1f} GiB while tiling), "
+            f"over the cap of {cap:,}; use a larger {ref('store', 'step_size')} or raise "
+            f"{ref('patch_coords', 'max_lattice')}"
+        )
+
+
 def compute_patch_coords(
     slide: Any, slide_id: str, layout: RunLayout, mask: MaskResult, params: CoordsParams
 ) -> CoordsResult:
     t0 = time.perf_counter()
     g = layout_geometry(slide.info, layout)
+    check_lattice(slide.info, layout, params.max_lattice)
     dx, dy = mask.downsample
     tiling = tile(mask.mask, dx, dy, slide.info.width, slide.info.height, g, params.min_tissue_fraction)
     coords, frac = tiling.coords, tiling.tissue_fraction

@@ -46,10 +46,11 @@ class GeometryParams:
 
     SECTION: ClassVar[str] = "store"
 
-    patch_size: int = param(256, "Patch side at the target magnification (px)", gt=0)
-    step_size: int | None = param(None, "Stride at the target magnification (px) [patch size]", gt=0)
-    target_mag: float | None = param(20.0, "Target magnification, e.g. 20 (= 0.5 µm/px)", gt=0)
-    target_mpp: float | None = param(None, "Target µm/px (instead of the target magnification)", gt=0)
+    patch_size: int = param(256, "Patch side at the target magnification (px)", ge=1, le=65536)
+    step_size: int | None = param(None, "Stride at the target magnification (px) [patch size]", ge=1, le=65536)
+    # 0.1x-200x: the plausible MPP range of slides (0.05-20 µm/px) with room for coarse targets
+    target_mag: float | None = param(20.0, "Target magnification, e.g. 20 (= 0.5 µm/px)", ge=0.1, le=200)
+    target_mpp: float | None = param(None, "Target µm/px (instead of the target magnification)", ge=0.05, le=100)
     format: str = param("h5", "Per-slide store format", choices=STORE_FORMATS, cli="")
 
 

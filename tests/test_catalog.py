@@ -344,7 +344,7 @@ def test_status_on_a_real_pipeline_catalog(pipeline_output: Path, tmp_path: Path
     cat = Catalog(out / "catalog")
     (bad,) = cat.latest_state(failed_only=True).to_pylist()
     assert bad["slide_id"] == "not-an-image" and bad["asset"] == "tissue_mask" and bad["error"]
-    assert f"FAILED not-an-image tissue_mask: {bad['error']}\n" in text  # unfolded, greppable
+    assert f"FAILED not-an-image tissue_mask ({bad['run_folder']}): {bad['error']}\n" in text  # unfolded, greppable
     assert "[open] cannot open slide" in text  # "[open]" is not taken for rich markup
     assert "2 slides: 1 done, 0 skipped, 1 failed" in text
 

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
 from rich.markup import escape
+
+from .summary import shorten
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 _STYLE = {"done": "green", "skipped": "cyan", "failed": "red", "pending": "yellow"}
@@ -24,6 +27,17 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console(highlight=False)
+
+
+def output_size(r: dict[str, Any]) -> str:
+    """What an event's row count means, with its unit."""
+    asset, n, dim = r["asset"] or "", r["rows"], r["dim"]
+    if asset.startswith(("slide_features/", "patient_features/")):
+        return f"dim {dim}" if dim else ""
+    if n is None:
+        return ""
+    unit = "px" if asset == "tissue_mask" else "patches" if asset == "patch_coords" or "/" in asset else ""
+    return f"{n:,} {unit}".strip()
 
 
 def _catalog(output: str) -> Any:
@@ -78,38 +92,41 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
         console.print(f"[red]unknown slide id[/red] {escape(', '.join(unknown))} (not in {escape(str(cat.root))})")
         sys.exit(2)
 
-    t = Table(title=f"catalog {escape(str(cat.root))}", show_lines=False)
-    for col, kw in [
-        ("slide", {"overflow": "fold"}),
-        ("asset", {}),
-        ("status", {}),
-        ("error", {"overflow": "fold"}),
-        ("rows", {"justify": "right"}),
-        ("s", {"justify": "right"}),
-        ("time (UTC)", {"no_wrap": True}),
-    ]:
-        t.add_column(col, **kw)
     rows = [
         r
         for r in state.to_pylist()
         if (not slides or r["slide_id"] in slides) and (not failed or r["status"] == "failed")
     ]
-    for r in rows:
-        style = _STYLE.get(r["status"], "")
-        err = escape(r["error"] or "")  # errors contain "[stage]": not rich markup
-        t.add_row(
-            escape(r["slide_id"] or ""),
-            escape(r["asset"] or ""),
-            f"[{style}]{r['status']}[/{style}]" if style else escape(str(r["status"])),
-            err if r["status"] == "failed" else (f"[dim]{err}[/dim]" if err else ""),
-            "" if r["rows"] is None else str(r["rows"]),
-            "" if r["seconds"] is None else f"{r['seconds']:.1f}",
-            r["time"].strftime("%Y-%m-%d %H:%M:%S") if r["time"] else "",
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:  # one table per run folder: each geometry's outputs are separate
+        by_run.setdefault(r.get("run_folder") or "", []).append(r)
+    for run in sorted(by_run):
+        title = (
+            f"{run}  ({escape(str(Path(output) / run))})" if run else "not tied to a run folder (intake, older events)"
         )
-    console.print(t)
+        t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, title_justify="left")
+        t.add_column("slide", no_wrap=True)
+        t.add_column("asset", no_wrap=True)
+        t.add_column("status", no_wrap=True)
+        t.add_column("output", justify="right", no_wrap=True)
+        t.add_column("s", justify="right", no_wrap=True)
+        t.add_column("time (UTC)", no_wrap=True)
+        for r in by_run[run]:
+            style = _STYLE.get(r["status"], "")
+            t.add_row(
+                escape(shorten(r["slide_id"] or "", 22)),
+                escape(r["asset"] or ""),
+                f"[{style}]{r['status']}[/{style}]" if style else escape(str(r["status"])),
+                escape(output_size(r)),
+                "" if r["seconds"] is None else f"{r['seconds']:.1f}",
+                r["time"].strftime("%Y-%m-%d %H:%M") if r["time"] else "",
+            )
+        console.print(t)
+    console.print("[dim]output: patches (patch_coords, features), mask pixels (tissue_mask), vector length (dim)[/dim]")
     for r in rows:  # full reasons, one line each (never folded), easy to grep
         if r["status"] == "failed":
-            line = f"{r['slide_id']} {r['asset']}: {r['error'] or 'no message'}"
+            where = f" ({r['run_folder']})" if r.get("run_folder") else ""
+            line = f"{r['slide_id']} {r['asset']}{where}: {r['error'] or 'no message'}"
             console.print(f"[red]FAILED[/red] {escape(line)}", soft_wrap=True)
 
     full: dict[str, list[dict[str, Any]]] = {}

@@ -107,6 +107,7 @@ _SCHEMAS: dict[str, pa.Schema] = {
             ("event_id", pa.string()),  # uuid4 hex, unique per event (de-duplication key)
             ("host", pa.string()),
             ("pid", pa.int64()),
+            ("run_folder", pa.string()),  # <mag>x_<patch>px_<overlap>px_overlap: outputs of one geometry
         ]
     ),
 }
@@ -307,7 +308,11 @@ class Catalog:
         return dict(zip(t.column("slide_id").to_pylist(), t.column("path").to_pylist(), strict=True))
 
     def latest_state(self, slide: str | Sequence[str] | None = None, failed_only: bool = False) -> pa.Table:
-        """The latest event per (slide_id, asset) by `time` (ties: the later-written row).
+        """The latest event per (slide_id, asset, run_folder) by `time` (ties: the later-written row).
+
+        Outputs of different geometries live in different run folders: a slide done at 20x and
+        failed at 40x has one row for each. Events without a run folder (intake, older files)
+        form their own group.
 
         Sorted by slide_id, then asset (pipeline order). `failed_only` keeps rows whose latest
         status is `failed` (an asset that failed and later succeeded is not failed). Events
@@ -322,13 +327,15 @@ class Catalog:
             t = t.append_column("_i", pa.array(range(t.num_rows), pa.int64()))
             t = t.sort_by([("time", "ascending"), ("_i", "ascending")])
             t = t.append_column("_j", pa.array(range(t.num_rows), pa.int64()))
-            last = t.group_by(["slide_id", "asset"]).aggregate([("_j", "max")])
-            t = t.take(last["_j_max"]).drop_columns(["_i", "_j"])
+            t = t.append_column("_r", pc.fill_null(t["run_folder"], ""))
+            last = t.group_by(["slide_id", "asset", "_r"]).aggregate([("_j", "max")])
+            t = t.take(last["_j_max"]).drop_columns(["_i", "_j", "_r"])
             order = pa.array([_asset_rank(a) for a in t["asset"].to_pylist()], pa.string())
             t = (
                 t.append_column("_o", order)
-                .sort_by([("slide_id", "ascending"), ("_o", "ascending")])
-                .drop_columns(["_o"])
+                .append_column("_r", pc.fill_null(t["run_folder"], ""))
+                .sort_by([("_r", "ascending"), ("slide_id", "ascending"), ("_o", "ascending")])
+                .drop_columns(["_o", "_r"])
             )
         if failed_only:
             t = t.filter(pc.equal(t["status"], "failed"))

@@ -105,6 +105,7 @@ class StageEnv:
             run_id=self.run_id,
             versions={"atlaspatch": __version__, **out.versions},
             weights_hash=out.weights_hash,
+            run_folder=self.layout.root.name,
         )
 
 
@@ -163,7 +164,10 @@ def upstream_missing(env: StageEnv, slide_id: str, asset: str, upstream: str, wh
             rows = env.catalog.latest_state(slide_id).to_pylist()
         except Exception:  # an unreadable catalog must not hide the missing upstream
             rows = []
-        cause = next((r for r in rows if r["asset"] == upstream and r["status"] == FAILED), None)
+        here = (env.layout.root.name, None)  # this geometry's events (or ones without a run folder)
+        cause = next(
+            (r for r in rows if r["asset"] == upstream and r["status"] == FAILED and r.get("run_folder") in here), None
+        )
     if cause is not None:
         why = str(cause.get("error") or "no message").removeprefix(f"{slide_id}: ")
         return StoreMissingError(f"{what}: {upstream} failed: {why}", slide=slide_id, stage=asset)

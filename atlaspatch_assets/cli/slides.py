@@ -123,13 +123,12 @@ def slide_encoder_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def setup_logging(verbose: bool) -> None:
-    import warnings
+    from ..defs import quiet_dagster_notices
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not verbose:
-        # Dagster's beta/preview notices are noise for CLI users.
-        warnings.filterwarnings("ignore", module=r"dagster(\..*)?$")
-        warnings.filterwarnings("ignore", message=r".*currently in (beta|preview)")
+    quiet_dagster_notices()
+    if not verbose:  # what the summary says is enough; Dagster's own notices are for `-v`
+        logging.getLogger("dagster").setLevel(logging.ERROR)
 
 
 def _usage(e: Exception) -> click.UsageError:
@@ -234,6 +233,8 @@ def run_command(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
     setup_logging(kw["verbose"])
     from rich.console import Console
 
+    from rich.markup import escape
+
     from ..core.discovery import discover
     from .runner import run_slides
     from .summary import ProgressReporter, print_summary
@@ -243,9 +244,13 @@ def run_command(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
         settings = build_settings(kw, stages)
     except UsageError as e:
         raise _usage(e) from e
-    slides, problems = discover(kw["wsi_path"], recursive=kw["recursive"])
+    found = discover(kw["wsi_path"], recursive=kw["recursive"])
+    slides, problems = found
     for p in problems:
-        console.print(f"[red]error[/red] {p}")
+        console.print(f"[red]error[/red] {escape(str(p))}", soft_wrap=True, highlight=False)
+    if kw["verbose"]:
+        for ig in found.ignored:
+            console.print(f"[dim]ignored[/dim] {escape(str(ig.path))}: {escape(ig.reason)}", soft_wrap=True)
     if not slides:
         raise click.UsageError("no supported slide files found in " + ", ".join(kw["wsi_path"]))
     if settings.plan.coords is not None:

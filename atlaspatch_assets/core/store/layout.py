@@ -139,3 +139,12 @@ class RunLayout:
     @property
     def exports_dir(self) -> Path:
         return self.root / "exports"
+
+    def sweep_orphans(self) -> int:
+        """Remove temporaries left in this run folder by killed writers (their pid is gone)."""
+        from .files import remove_orphans_in
+
+        folders = [self.patches_dir, self.root / "masks", self.root / "visualization", self.root / "images"]
+        if self.patients_dir.is_dir():
+            folders += [self.patients_dir, *(p for p in self.patients_dir.iterdir() if p.is_dir())]
+        return sum(remove_orphans_in(f) for f in folders if f.is_dir())

@@ -39,6 +39,8 @@ def build_patient_assets(targets: Sequence[SlideTarget]) -> Any:
     ):
         selected = [t for t in targets if patient_key(t) in context.selected_asset_keys]
         layout = store.layout
+        if swept := layout.sweep_orphans():
+            context.log.info(f"removed {swept} temporary file(s) left by killed writers in {layout.root}")
         env = StageEnv(layout=layout, catalog=store.catalog, run_id=context.run.run_id, render=dagster_ref)
         env.logger = context.log
         registered = load_patients(layout)

@@ -207,6 +207,8 @@ def build_slide_assets(encoders: Sequence[str], targets: Sequence[SlideTarget], 
         except UsageError as e:
             raise Failure(description=dagster_ref_text(e.raw), allow_retries=False) from e
         layout = store.layout
+        if swept := layout.sweep_orphans():
+            context.log.info(f"removed {swept} temporary file(s) left by killed writers in {layout.root}")
         env = StageEnv(
             layout=layout,
             catalog=store.catalog,

@@ -232,7 +232,6 @@ def lattice_problems(slides: list[Any], settings: Any) -> list[str]:
 def run_command(kw: dict[str, Any], stages: tuple[str, ...]) -> None:
     setup_logging(kw["verbose"])
     from rich.console import Console
-
     from rich.markup import escape
 
     from ..core.discovery import discover

@@ -73,12 +73,15 @@ def test_ignored_entries_have_reasons(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
 
     flat = discover([tmp_path])
-    assert [s.name for s in flat.slides] == ["a"]
+    assert [s.name for s in flat.slides] == ["a", "dangling"]  # a slide link whose target is gone fails alone
     why = _reasons(flat)
     assert why[".hidden.svs"].startswith("hidden")
     assert why["notes.txt"] == "unknown extension '.txt'"
     assert why["README"] == "no file extension"
-    assert why["dangling.svs"].startswith("dangling symlink")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "missing.txt")
+    assert _reasons(discover([tmp_path]))["dangling.txt"].startswith("dangling symlink")
+    with pytest.raises(SlideOpenError, match="dangling symlink"):
+        open_slide(tmp_path / "dangling.svs")
     assert why["alias.svs"] == f"same file as {tmp_path / 'a.svs'}"  # a symlink to a.svs
     assert why["pipe.svs"].startswith("not a regular file")
     assert why["folder.svs"] == why["sub"] == "folder not searched (not recursive)"
@@ -86,7 +89,7 @@ def test_ignored_entries_have_reasons(tmp_path: Path) -> None:
     assert flat.problems == []
 
     deep = discover([tmp_path], recursive=True)
-    assert sorted(s.name for s in deep.slides) == ["a", "inner"]
+    assert sorted(s.name for s in deep.slides) == ["a", "dangling", "inner"]
     assert _reasons(deep)["folder.svs"].startswith("a folder named like a slide file")
 
 

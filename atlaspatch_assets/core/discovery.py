@@ -231,6 +231,10 @@ def _walk(
         try:
             st = os.stat(e.path)  # follows symlinks
         except FileNotFoundError:
+            if is_link and is_supported(path) and file_extension(path) != ".dcm":
+                # a slide the user dropped as a link: it fails alone ("dangling symlink"), visibly
+                out.slides.append(SlideFile(str(path), path.stem))
+                continue
             why = "dangling symlink (its target is missing)" if is_link else "disappeared while listing"
             out.ignored.append(Ignored(e.path, why))
             continue

@@ -181,9 +181,18 @@ def test_broken_files_are_recorded_once_and_never_run(tmp_path: Path) -> None:
     names = sorted(p.name for p in BROKEN.iterdir())
     for name in names:
         copy(BROKEN / name, box.dir / name)
+    observed, skips = [], []
     for _ in range(3):
         result = box.tick()
         assert box.runs(result) == []
+        observed += result.asset_events
+        skips.append(result.skip_reason.skip_message)
+    # visible in the UI: an observation of the `inbox` asset per broken file, with its reason
+    broken_obs = {Path(o.metadata["path"].value).name: o for o in observed if o.metadata["status"].value == "failed"}
+    assert sorted(broken_obs) == names
+    assert all(o.asset_key.to_user_string() == "inbox" for o in broken_obs.values())
+    assert all(o.metadata["reason"].value.startswith("does not open: ") for o in broken_obs.values())
+    assert any("3 file(s) cannot be taken" in m for m in skips)  # and the tick says so
     failed = [e for e in box.events() if e["status"] == "failed"]
     assert sorted(Path(e["parameters"]["path"]).name for e in failed) == names
     assert all(e["error"].startswith("does not open: ") and e["slide_id"] is None for e in failed)

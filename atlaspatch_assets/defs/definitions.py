@@ -14,7 +14,7 @@ from . import jobs
 from .assets.catalog import catalog
 from .io_managers import SlideStoreIOManager
 from .resources import ComputeResource, ModelsResource, ReporterResource, SlideSourceResource, StoreResource
-from .sensors import build_new_slides_sensor
+from .sensors import build_new_slides_sensor, inbox_asset
 
 ENCODERS_ENV = "ATLASPATCH_ENCODERS"
 SLIDE_ENCODERS_ENV = "ATLASPATCH_SLIDE_ENCODERS"
@@ -56,6 +56,28 @@ def sensor_default_encoders() -> list[str]:
     return split_names(os.environ.get(SENSOR_ENCODERS_ENV))
 
 
+def runnable_here(names: list[str], targets: list[Any], models: ModelsResource, drop: bool) -> tuple:
+    """(encoders, targets, asset → why it cannot run here). With `drop` (the built-in default
+    list) assets that cannot run are left out; otherwise they stay, with the reason in the UI."""
+    from ..core.params import render_refs
+    from ..core.stages.preflight import weight_problems
+    from .adapter import dagster_ref
+
+    params = models.cache.models
+    why = {f"features/{n}": p for n in names for p in weight_problems([n], [], params)[:1]}
+    for t in targets:
+        problem = weight_problems([], [t.slide_encoder], params)[:1] or (
+            [f"needs features/{t.patch_encoder}: {why[f'features/{t.patch_encoder}']}"]
+            if f"features/{t.patch_encoder}" in why
+            else []
+        )
+        if problem:
+            why[t.asset] = problem[0]
+    if drop:
+        return [n for n in names if f"features/{n}" not in why], [t for t in targets if t.asset not in why], {}
+    return names, targets, {k: render_refs(v.split(": ", 1)[-1], dagster_ref) for k, v in why.items()}
+
+
 def configured_executor() -> ExecutorDefinition:
     """$ATLASPATCH_EXECUTOR: `in_process` (default) or `multiprocess`.
 
@@ -85,18 +107,22 @@ def build_definitions(
     names: list[str] = []
     targets: list[Any] = []
     registry: Any = {}
+    cannot_run: dict[str, str] = {}
     if features_available():
         from ..core.stages import parse_target
 
         registry = models.cache.registry
         names = list(encoders) if encoders is not None else configured_encoders()
-        targets = [
-            parse_target(n) for n in (slide_encoders if slide_encoders is not None else configured_slide_encoders())
-        ]
+        wanted = slide_encoders if slide_encoders is not None else configured_slide_encoders()
+        targets = [parse_target(n) for n in wanted]
         names += [t.patch_encoder for t in targets if t.patch_encoder not in names]
         names = [registry.spec(n).name for n in names]
-    slide_assets = build_slide_assets(names, targets, registry)
-    assets: list[Any] = [slide_assets, catalog]
+        if encoders is None or slide_encoders is None:  # the defaults / environment: say what can run here
+            names, targets, cannot_run = runnable_here(
+                names, targets, models, drop=not os.environ.get(ENCODERS_ENV) and encoders is None
+            )
+    slide_assets = build_slide_assets(names, targets, registry, cannot_run)
+    assets: list[Any] = [slide_assets, catalog, inbox_asset]
     job_defs: list[Any] = [jobs.slide_job(jobs.SEGMENT_AND_COORDS)]
     feature_keys = [encoder_key(n) for n in names]
     if names:

@@ -25,7 +25,10 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from dagster import (
+    AssetObservation,
+    AssetSpec,
     DefaultSensorStatus,
+    MetadataValue,
     RunRequest,
     SensorDefinition,
     SensorEvaluationContext,
@@ -84,6 +87,28 @@ def _env_number(name: str, default: float, log) -> float:
     except ValueError:
         log.warning(f"{name}={raw!r} is not a non-negative number; using {default:g}")
         return default
+
+
+INBOX_ASSET = "inbox"
+inbox_asset = AssetSpec(
+    INBOX_ASSET,
+    group_name="intake",
+    description=(
+        "Files in the inbox folders ($ATLASPATCH_INBOX), as the new_slides sensor sees them: one observation "
+        "per change (taken, broken with its reason, still copying, deleted …)."
+    ),
+)
+
+
+def inbox_observation(ev: dict) -> AssetObservation:
+    """A sensor event as an observation of the `inbox` asset (shown in the UI with its reason)."""
+    p = ev["parameters"]
+    md = {"event": p["event"], "status": ev["status"], "path": MetadataValue.path(p["path"])}
+    if ev.get("error"):
+        md["reason"] = ev["error"]
+    if ev.get("slide_id"):
+        md["slide_id"] = ev["slide_id"]
+    return AssetObservation(asset_key=INBOX_ASSET, metadata=md)
 
 
 def build_new_slides_sensor(
@@ -200,10 +225,15 @@ def build_new_slides_sensor(
 
         counts = state.counts()
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
+        broken = [ev for ev in events if ev["status"] == "failed"]
+        if broken:  # said in the tick itself, not only in its log
+            first = clean_text(f"{broken[0]['parameters']['path']}: {broken[0]['error']}")
+            summary += f"; {len(broken)} file(s) cannot be taken, e.g. {first}"
         keys = [r.partition_key for r in run_requests if r.partition_key]
         return SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=[slides_partitions.build_add_request(keys)] if keys else [],
+            asset_events=[inbox_observation(ev) for ev in events if ev["parameters"]["event"] != "waiting"],
             cursor=state.dumps(),
             skip_reason=None if run_requests else f"no new complete slide (inbox: {summary})",
         )

@@ -195,7 +195,7 @@ def test_partitions_view(dagster_stack, inbox_slide, browser: Browser) -> None:
     assert cell[0].text.strip() == str(num_patches)
     text = browser.body_text()
     assert "Materialized" in text and coords["runId"][:8] in text and stack.sensor_job in text
-    for label in ("mean_tissue_fraction", "slide_mpp", "recipe_hash", "preview"):
+    for label in ("mean_tissue_fraction", "slide_mpp [µm/px]", "recipe_hash", "preview"):
         assert label in text
     browser.screenshot("3-partition-detail")
 

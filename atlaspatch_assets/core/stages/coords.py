@@ -272,9 +272,9 @@ def _metadata(result: CoordsResult, store_path: str, reused: bool, mask: MaskRes
     return {
         "num_patches": result.num_patches,
         "mean_tissue_fraction": round(float(result.tissue_fraction.mean()), 4) if result.num_patches else 0.0,
-        "slide_mpp": g.slide_mpp,
-        "target_mpp": g.target_mpp,
-        "patch_size_level0": g.patch_size_level0,
+        "slide_mpp [µm/px]": g.slide_mpp,
+        "target_mpp [µm/px]": g.target_mpp,
+        "patch_size_level0 [px]": g.patch_size_level0,
         "read_level": g.read_level,
         "filtered_background": result.filtered_background,
         "recipe_hash": result.recipe_hash,

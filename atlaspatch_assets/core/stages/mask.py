@@ -177,19 +177,20 @@ def load_tissue_mask(layout: RunLayout, slide_id: str) -> MaskResult:
     )
 
 
-def _metadata(result: MaskResult, store: Any, reused: bool) -> dict[str, Any]:
+def _metadata(result: MaskResult, store: Any, reused: bool, geojson_path: Any) -> dict[str, Any]:
     info = result.info
     return {
         "tissue_fraction": round(result.tissue_fraction, 4),
         "regions": len(result.polygons),
         "mask_shape": f"{result.mask.shape[1]}x{result.mask.shape[0]}",
-        "mask_mpp": round(result.thumb_mpp, 3),
-        "slide_mpp": info.mpp if info else store.attrs().get("mpp"),
+        "mask_mpp [µm/px]": round(result.thumb_mpp, 3),
+        "slide_mpp [µm/px]": info.mpp if info else store.attrs().get("mpp"),
         "method": result.params.get("method"),
         "modality": result.modality,
         "recipe_hash": result.recipe_hash,
         "reused": reused,
         "store": str(store.path),
+        "geojson": str(geojson_path),
         "preview": result.overlay_png(),
     }
 
@@ -240,7 +241,7 @@ def tissue_mask(slide: SlideHandle, params: MaskParams, env: StageEnv, device: s
             ASSET,
             sid,
             status,
-            metadata=_metadata(result, store, status == SKIPPED),
+            metadata=_metadata(result, store, status == SKIPPED, env.layout.geojson_path(sid)),
             warnings=warnings,
             written=written,
             seconds=result.seconds,

@@ -83,7 +83,15 @@ def slide_key(target: SlideTarget) -> AssetKey:
     return AssetKey(["slide_features", target.name])
 
 
-def _specs(encoders: Sequence[str], targets: Sequence[SlideTarget], registry: Any) -> list[AssetSpec]:
+def _cannot_run(asset: str, cannot_run: dict[str, str]) -> dict[str, Any]:
+    """Description prefix and metadata saying why an asset cannot run on this deployment."""
+    why = cannot_run.get(asset)
+    return {"why": why, "md": {"cannot_run_here": why} if why else {}}
+
+
+def _specs(
+    encoders: Sequence[str], targets: Sequence[SlideTarget], registry: Any, cannot_run: dict[str, str]
+) -> list[AssetSpec]:
     common: dict[str, Any] = {"partitions_def": slides_partitions}
     specs = [
         AssetSpec(
@@ -106,6 +114,8 @@ def _specs(encoders: Sequence[str], targets: Sequence[SlideTarget], registry: An
     ]
     for name in encoders:
         spec = registry[name]
+        c = _cannot_run(f"features/{name}", cannot_run)
+        warn = f"CANNOT RUN HERE: {c['why']} — " if c["why"] else ""
         specs.append(
             AssetSpec(
                 encoder_key(name),
@@ -113,8 +123,8 @@ def _specs(encoders: Sequence[str], targets: Sequence[SlideTarget], registry: An
                 group_name="features",
                 code_version=f"1-{name}",
                 kinds={"pytorch", "hdf5"},
-                description=f"{name} patch features ({spec.dim}-d, {spec.input_size}px input, {spec.library}).",
-                metadata={"dim": spec.dim, "model_id": spec.model_id or "", "library": spec.library},
+                description=f"{warn}{name} patch features ({spec.dim}-d, {spec.input_size}px input, {spec.library}).",
+                metadata={"dim": spec.dim, "model_id": spec.model_id or "", "library": spec.library, **c["md"]},
                 **common,
             )
         )
@@ -122,6 +132,8 @@ def _specs(encoders: Sequence[str], targets: Sequence[SlideTarget], registry: An
         from ...core.slide_encoders import get_slide_encoder_spec  # torch: only when there are targets
 
         sspec = get_slide_encoder_spec(t.slide_encoder)
+        c = _cannot_run(t.asset, cannot_run)
+        warn = f"CANNOT RUN HERE: {c['why']} — " if c["why"] else ""
         specs.append(
             AssetSpec(
                 slide_key(t),
@@ -129,8 +141,8 @@ def _specs(encoders: Sequence[str], targets: Sequence[SlideTarget], registry: An
                 group_name="slide_features",
                 code_version=f"1-{t.name}",
                 kinds={"pytorch", "hdf5"},
-                description=f"{t.name} slide embedding from features/{t.patch_encoder} ({sspec.requirement()}).",
-                metadata={"slide_encoder": t.slide_encoder, "patch_encoder": t.patch_encoder},
+                description=f"{warn}{t.name} slide embedding from features/{t.patch_encoder} ({sspec.requirement()}).",
+                metadata={"slide_encoder": t.slide_encoder, "patch_encoder": t.patch_encoder, **c["md"]},
                 **common,
             )
         )
@@ -177,14 +189,16 @@ def plan_for(context: AssetExecutionContext, config: SlideStagesConfig, compute:
     return plan
 
 
-def build_slide_assets(encoders: Sequence[str], targets: Sequence[SlideTarget], registry: Any) -> Any:
+def build_slide_assets(
+    encoders: Sequence[str], targets: Sequence[SlideTarget], registry: Any, cannot_run: dict[str, str] | None = None
+) -> Any:
     """The `slide_stages` multi-asset for these patch encoders and slide-embedding targets."""
     encoders = sorted(dict.fromkeys(encoders))
     targets = list(dict.fromkeys(targets))
 
     @multi_asset(
         name=STEP,
-        specs=_specs(encoders, targets, registry),
+        specs=_specs(encoders, targets, registry, cannot_run or {}),
         check_specs=_check_specs(encoders),
         can_subset=True,
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=backfill_batch_size()),

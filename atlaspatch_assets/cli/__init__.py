@@ -22,7 +22,14 @@ def main() -> None:
 
 
 @main.command("demo", context_settings=CONTEXT)
-@click.option("--output", "-o", type=click.Path(), default="./demo", show_default=True)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(),
+    default="./demo",
+    show_default=True,
+    help="Folder for the demo slide, its outputs and its Dagster home",
+)
 def demo(output: str) -> None:
     """Build a small demo slide from scikit-image's histology image and run the main job on it."""
     from .demo import run_demo

@@ -130,6 +130,11 @@ class DagsterStack:
 
     def start(self) -> None:
         ws = str(REPO / "workspace.yaml")
+        # Create the instance's storage once, before webserver and daemon start: both would run
+        # the SQLite schema migrations at the same moment on a fresh home ("more than one head").
+        subprocess.run(
+            [str(BIN / "dagster"), "instance", "migrate"], cwd=REPO, env=self.env, check=True, capture_output=True
+        )
         self._spawn(
             "webserver",
             [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port), "-w", ws],

@@ -137,13 +137,30 @@ def test_adding_an_encoder_keeps_coords_and_other_features(tmp_path: Path, cmu_d
         np.testing.assert_array_equal(f["features/mobilenet_v2"][()], first)
 
 
-def test_missing_weights_fail_alone(tmp_path: Path, cmu_dir: Path) -> None:
+def test_missing_weights_are_refused_before_any_work(tmp_path: Path, cmu_dir: Path) -> None:
+    """The CLI checks every requested encoder first and lists all the missing weights at once."""
     out = tmp_path / "out"
-    code, text = _process(cmu_dir, out, "--feature-extractors", "mobilenet_v2,resnet18")
-    assert code == 1
-    assert "resnet18" in text and "--weights-dir" in text and "never downloaded" in text
-    with h5py.File(out / RUN / "patches" / "CMU-1-Small-Region.h5") as f:
-        assert "features/mobilenet_v2" in f and "features/resnet18" not in f
+    code, text = _process(cmu_dir, out, "--feature-extractors", "mobilenet_v2,resnet18,uni_v1")
+    assert code == 2
+    assert "features/resnet18" in text and "features/uni_v1" in text and "mobilenet_v2:" not in text
+    assert "--weights-dir" in text and "never downloaded" in text
+    assert not (out / RUN / "patches").exists()  # nothing was started
+
+
+def test_an_encoder_without_weights_fails_alone_in_a_run(tmp_path: Path) -> None:
+    """Where no pre-check ran (a UI run), the encoder fails on every slide, the others are stored."""
+    from atlaspatch_assets.core.catalog import Catalog
+    from atlaspatch_assets.core.source import SlideRef
+    from atlaspatch_assets.core.stages import CoordsParams, MaskParams, StageEnv, StagePlan, run_slide
+
+    layout = RunLayout.create(tmp_path, 224, target_mag=20)
+    env = StageEnv(layout=layout, catalog=Catalog(layout.catalog_dir))
+    plan = StagePlan(mask=MaskParams(), coords=CoordsParams(), encoders=("mobilenet_v2", "resnet18"))
+    outs = {o.asset: o for o in run_slide(SlideRef("cmu", str(CMU)), plan, env)}
+    assert outs["features/mobilenet_v2"].status == "done"
+    bad = outs["features/resnet18"]
+    assert bad.status == "failed" and "resnet18" in bad.reason and "never downloaded" in bad.reason
+    assert layout.store("cmu").encoders() == ["mobilenet_v2"]
 
 
 def test_unknown_encoder_and_bad_plugin_are_usage_errors(tmp_path: Path, cmu_dir: Path) -> None:

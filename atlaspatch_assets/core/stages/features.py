@@ -274,6 +274,61 @@ def _metadata(r: FeatureResult, store_path: str) -> dict[str, Any]:
     }
 
 
+def _reused(name: str, sid: str, store: Any, want: str, coords: CoordsResult) -> Outcome:
+    return Outcome(
+        asset_name(name),
+        sid,
+        SKIPPED,
+        metadata={"reused": True, "recipe_hash": want, "store": str(store.path)},
+        written=[str(store.path)],
+        recipe_hash=want,
+        parent_hashes={"patch_coords": coords.recipe_hash},
+        rows=coords.num_patches,
+        weights_hash=store.feature_attrs(name).get("weights_sha256") or None,
+    )
+
+
+def _done(
+    r: FeatureResult,
+    store: Any,
+    written: list[str],
+    coords: CoordsResult,
+    params: FeatureParams,
+    compute: ComputeParams,
+) -> Outcome:
+    return Outcome(
+        asset_name(r.encoder),
+        r.slide_id,
+        DONE,
+        metadata=_metadata(r, str(store.path)),
+        written=written,
+        seconds=r.seconds,
+        recipe_hash=r.recipe_hash,
+        parent_hashes={"patch_coords": coords.recipe_hash},
+        rows=r.rows,
+        dim=r.dim,
+        parameters={
+            "batch_size": compute.batch_size,
+            "precision": r.attrs["precision"],
+            "scaled_decode": params.scaled_decode,
+        },
+        versions=dict(r.attrs["library_versions"]),
+        weights_hash=r.attrs["weights_sha256"] or None,
+        value=r,
+    )
+
+
+def _load_failures(sid: str, encoders: Mapping[str, Any], env: StageEnv) -> dict[str, Outcome]:
+    """Encoders that could not be loaded fail on this slide with their load error."""
+    out = {}
+    for n, enc in encoders.items():
+        if isinstance(enc, BaseException):
+            out[n] = failed(asset_name(n), sid, env.text(f"{sid}: [features/{n}] {' '.join(str(enc).split())}"))
+            env.logger.error(f"FAILED {out[n].reason}")
+            env.record(out[n])
+    return out
+
+
 def patch_features(
     slide: SlideHandle,
     encoders: Mapping[str, Encoder | BaseException],
@@ -284,21 +339,12 @@ def patch_features(
 ) -> list[Outcome]:
     """Run the stage for one slide and these encoders (a failed load is passed as its exception)."""
     sid = slide.slide_id
-    names = list(encoders)
-    outcomes: dict[str, Outcome] = {}
-    for n, enc in encoders.items():
-        if isinstance(enc, BaseException):
-            reason = env.text(f"{sid}: [features/{n}] {' '.join(str(enc).split())}")
-            outcomes[n] = failed(asset_name(n), sid, reason)
-            env.logger.error(f"FAILED {reason}")
-            env.record(outcomes[n])
-    loaded: dict[str, Encoder] = {n: e for n, e in encoders.items() if not isinstance(e, BaseException)}
-    if not loaded:
-        return [outcomes[n] for n in names]
+    outcomes = _load_failures(sid, encoders, env)
+    loaded: dict[str, Encoder] = {n: e for n, e in encoders.items() if n not in outcomes}
 
     def work() -> list[Outcome]:
-        c = coords
         store = env.layout.store(sid)
+        c = coords
         if c is None:
             if not store.has_coords():
                 raise upstream_missing(env, sid, "features", "patch_coords", "no patch coordinates stored")
@@ -309,20 +355,7 @@ def patch_features(
             want = recipe_hash(feature_recipe(enc, c.recipe_hash, params.scaled_decode, params.store_dtype))
             if params.skip_existing and store.recipe_hash_of(asset_name(n)) == want:
                 env.logger.info(f"{sid}: features/{n} up to date, reused")
-                attrs = store.feature_attrs(n)
-                out.append(
-                    Outcome(
-                        asset_name(n),
-                        sid,
-                        SKIPPED,
-                        metadata={"reused": True, "recipe_hash": want, "store": str(store.path)},
-                        written=[str(store.path)],
-                        recipe_hash=want,
-                        parent_hashes={"patch_coords": c.recipe_hash},
-                        rows=c.num_patches,
-                        weights_hash=attrs.get("weights_sha256") or None,
-                    )
-                )
+                out.append(_reused(n, sid, store, want, c))
             else:
                 todo[n] = enc
         if not todo:
@@ -341,33 +374,10 @@ def patch_features(
             on_batch=lambda done, total: env.progress(sid, "features", done, total),
         )
         written = save_features(env.layout, list(results.values()))
-        for n, reason in errors.items():
-            out.append(failed(asset_name(n), sid, env.text(f"{sid}: {reason}")))
-        for n, r in results.items():
-            out.append(
-                Outcome(
-                    asset_name(n),
-                    sid,
-                    DONE,
-                    metadata=_metadata(r, str(store.path)),
-                    written=written,
-                    seconds=r.seconds,
-                    recipe_hash=r.recipe_hash,
-                    parent_hashes={"patch_coords": c.recipe_hash},
-                    rows=r.rows,
-                    dim=r.dim,
-                    parameters={
-                        "batch_size": compute.batch_size,
-                        "precision": r.attrs["precision"],
-                        "scaled_decode": params.scaled_decode,
-                    },
-                    versions=dict(r.attrs["library_versions"]),
-                    weights_hash=r.attrs["weights_sha256"] or None,
-                    value=r,
-                )
-            )
-        return out
+        out += [failed(asset_name(n), sid, env.text(f"{sid}: {reason}")) for n, reason in errors.items()]
+        return out + [_done(r, store, written, c, params, compute) for r in results.values()]
 
-    for o in guard_all([asset_name(n) for n in loaded], sid, env, work):
-        outcomes[o.asset.removeprefix("features/")] = o
-    return [outcomes[n] for n in names]
+    if loaded:
+        for o in guard_all([asset_name(n) for n in loaded], sid, env, work):
+            outcomes[o.asset.removeprefix("features/")] = o
+    return [outcomes[n] for n in encoders]

@@ -169,76 +169,91 @@ def build_new_slides_sensor(
             log.exception(f"inbox scan failed: {type(e).__name__}: {e}")
             return SkipReason(clean_text(f"inbox scan failed: {type(e).__name__}: {e}"))
 
-        run_requests: list[RunRequest] = []
-        if ready:
-            try:
-                ids = bind_ids(state, ready, taken=slide_source.catalog.slide_paths())
-            except Exception as e:  # catalog unreadable: these stay pending, retried next tick
-                log.error(
-                    clean_text(
-                        f"cannot read the slide catalog ({type(e).__name__}: {e}); "
-                        f"{len(ready)} ready slide(s) wait for the next tick"
-                    )
-                )
-                for c in ready:
-                    state.entries[c.key].status = "pending"
-                    state.entries[c.key].fp = None
-                ids = {}
-            for slide_id, c in ids.items():
-                key = run_key(slide_id, c.fingerprint or "")
-                try:
-                    slide_source.register(slide_id, c.path)
-                except Exception as e:  # e.g. vanished just now or catalog not writable: retry next tick
-                    log.error(clean_text(f"{slide_id}: cannot register {c.path}: {type(e).__name__}: {e}"))
-                    entry = state.entries[c.key]
-                    entry.status, entry.fp = "pending", None
-                    continue
-                run_requests.append(
-                    RunRequest(
-                        run_key=key,
-                        partition_key=slide_id,
-                        job_name=job_name,
-                        tags={"atlaspatch/source": "inbox", "atlaspatch/fingerprint": c.fingerprint or ""},
-                    )
-                )
-                events.append(taken_event(state, c, key))
-
-        for ev in events:  # one per change of a path's state, never one per tick
-            p = ev["parameters"]
-            msg = clean_text(
-                f"inbox {p['event']} ({ev['status']}): {p['path']}"
-                + (f": {ev['error']}" if ev["error"] else f" -> {ev['slide_id']}" if ev["slide_id"] else "")
-            )
-            if ev["status"] == "failed":
-                log.warning(msg)
-            elif p["event"] == "waiting":  # can be thousands on a first scan
-                log.debug(msg)
-            else:
-                log.info(msg)
-        if events:
-            try:
-                store.catalog.append(EVENTS, [{**ev, "versions": {"atlaspatch": __version__}} for ev in events])
-            except Exception as e:  # provenance is best effort: never lose the tick for it
-                log.warning(
-                    clean_text(f"cannot write {len(events)} inbox event(s) to the catalog: {type(e).__name__}: {e}")
-                )
-
-        counts = state.counts()
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
-        broken = [ev for ev in events if ev["status"] == "failed"]
-        if broken:  # said in the tick itself, not only in its log
-            first = clean_text(f"{broken[0]['parameters']['path']}: {broken[0]['error']}")
-            summary += f"; {len(broken)} file(s) cannot be taken, e.g. {first}"
-        keys = [r.partition_key for r in run_requests if r.partition_key]
-        return SensorResult(
-            run_requests=run_requests,
-            dynamic_partitions_requests=[slides_partitions.build_add_request(keys)] if keys else [],
-            asset_events=[inbox_observation(ev) for ev in events if ev["parameters"]["event"] != "waiting"],
-            cursor=state.dumps(),
-            skip_reason=None if run_requests else f"no new complete slide (inbox: {summary})",
-        )
+        run_requests = _request_runs(state, ready, events, slide_source, job_name, log)
+        _record(events, store, log)
+        return _result(state, events, run_requests)
 
     return _new_slides
 
 
 new_slides = build_new_slides_sensor()
+
+
+def _request_runs(state, ready, events, slide_source, job_name: str, log) -> list[RunRequest]:
+    """Bind ids to the ready slides, register them and request their runs (taken events added)."""
+    run_requests: list[RunRequest] = []
+    if not ready:
+        return run_requests
+    try:
+        ids = bind_ids(state, ready, taken=slide_source.catalog.slide_paths())
+    except Exception as e:  # catalog unreadable: these stay pending, retried next tick
+        log.error(
+            clean_text(
+                f"cannot read the slide catalog ({type(e).__name__}: {e}); "
+                f"{len(ready)} ready slide(s) wait for the next tick"
+            )
+        )
+        for c in ready:
+            state.entries[c.key].status = "pending"
+            state.entries[c.key].fp = None
+        ids = {}
+    for slide_id, c in ids.items():
+        key = run_key(slide_id, c.fingerprint or "")
+        try:
+            slide_source.register(slide_id, c.path)
+        except Exception as e:  # e.g. vanished just now or catalog not writable: retry next tick
+            log.error(clean_text(f"{slide_id}: cannot register {c.path}: {type(e).__name__}: {e}"))
+            entry = state.entries[c.key]
+            entry.status, entry.fp = "pending", None
+            continue
+        run_requests.append(
+            RunRequest(
+                run_key=key,
+                partition_key=slide_id,
+                job_name=job_name,
+                tags={"atlaspatch/source": "inbox", "atlaspatch/fingerprint": c.fingerprint or ""},
+            )
+        )
+        events.append(taken_event(state, c, key))
+
+    return run_requests
+
+
+def _record(events: list[dict], store, log) -> None:
+    """Log each inbox event once and append them to the catalog (best effort)."""
+    for ev in events:  # one per change of a path's state, never one per tick
+        p = ev["parameters"]
+        msg = clean_text(
+            f"inbox {p['event']} ({ev['status']}): {p['path']}"
+            + (f": {ev['error']}" if ev["error"] else f" -> {ev['slide_id']}" if ev["slide_id"] else "")
+        )
+        if ev["status"] == "failed":
+            log.warning(msg)
+        elif p["event"] == "waiting":  # can be thousands on a first scan
+            log.debug(msg)
+        else:
+            log.info(msg)
+    if events:
+        try:
+            store.catalog.append(EVENTS, [{**ev, "versions": {"atlaspatch": __version__}} for ev in events])
+        except Exception as e:  # provenance is best effort: never lose the tick for it
+            log.warning(
+                clean_text(f"cannot write {len(events)} inbox event(s) to the catalog: {type(e).__name__}: {e}")
+            )
+
+
+def _result(state, events: list[dict], run_requests: list[RunRequest]) -> SensorResult:
+    counts = state.counts()
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
+    broken = [ev for ev in events if ev["status"] == "failed"]
+    if broken:  # said in the tick itself, not only in its log
+        first = clean_text(f"{broken[0]['parameters']['path']}: {broken[0]['error']}")
+        summary += f"; {len(broken)} file(s) cannot be taken, e.g. {first}"
+    keys = [r.partition_key for r in run_requests if r.partition_key]
+    return SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[slides_partitions.build_add_request(keys)] if keys else [],
+        asset_events=[inbox_observation(ev) for ev in events if ev["parameters"]["event"] != "waiting"],
+        cursor=state.dumps(),
+        skip_reason=None if run_requests else f"no new complete slide (inbox: {summary})",
+    )

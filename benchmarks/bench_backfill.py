@@ -80,98 +80,48 @@ def slide_ids(slides_dir: Path) -> dict[str, str]:
 
 
 def asset_params() -> dict[str, dict[str, Any]]:
-    """The assets' default recipe, as plain dicts for the library child."""
-    from atlaspatch_assets.assets import PatchCoordsConfig, TissueMaskConfig
+    """The stages' default parameters (the assets' defaults are the same objects)."""
+    from atlaspatch_assets.core.stages import CoordsParams, MaskParams
 
-    return {
-        "mask": dataclasses.asdict(TissueMaskConfig().params("cpu")),
-        "coords": dataclasses.asdict(PatchCoordsConfig().params()),
-    }
+    return {"mask": dataclasses.asdict(MaskParams()), "coords": dataclasses.asdict(CoordsParams())}
 
 
 # -- library child (fresh process) --------------------------------------------------------------
 
 
 def library_child(spec_path: str) -> None:
+    """The core stages called directly (no Dagster): the floor the orchestrated paths are compared to."""
     t_start = time.perf_counter()
-    from atlaspatch_assets import __version__
-    from atlaspatch_assets.core.catalog import SLIDES, Catalog, fingerprint
-    from atlaspatch_assets.core.pipeline import (
-        CoordsParams,
-        RunLayout,
-        compute_patch_coords,
-        compute_tissue_mask,
-        save_patch_coords,
-        save_tissue_mask,
-    )
-    from atlaspatch_assets.core.segmentation import SegmentationParams
-    from atlaspatch_assets.core.slide import open_slide
+    from atlaspatch_assets.core.catalog import Catalog
+    from atlaspatch_assets.core.source import SlideRef, SlideSource
+    from atlaspatch_assets.core.stages import CoordsParams, MaskParams, StageEnv, StagePlan, run_slides
+    from atlaspatch_assets.core.store import RunLayout
 
     spec = json.loads(Path(spec_path).read_text())
     t_imported = time.perf_counter()
     layout = RunLayout.create(spec["output"], 256, None, target_mag=20.0)
     catalog = Catalog(layout.catalog_dir)
-    mask_params = SegmentationParams(**spec["params"]["mask"])
-    coords_params = CoordsParams(**spec["params"]["coords"])
-    versions = {"atlaspatch": __version__}
+    source = SlideSource(catalog)
+    plan = StagePlan(mask=MaskParams(**spec["params"]["mask"]), coords=CoordsParams(**spec["params"]["coords"]))
     for slide_id, path in spec["slides"].items():
-        st = os.stat(path)
-        catalog.append(
-            SLIDES,
-            [
-                {
-                    "slide_id": slide_id,
-                    "path": path,
-                    "size": st.st_size,
-                    "mtime": st.st_mtime,
-                    "fingerprint": fingerprint(path),
-                }
-            ],
-        )
-        with open_slide(path) as slide:
-            mask = compute_tissue_mask(slide, slide_id, mask_params)
-            save_tissue_mask(layout, mask)
-            store = str(layout.store(slide_id).path)
-            catalog.record_event(
-                slide_id=slide_id,
-                asset="tissue_mask",
-                status="done",
-                recipe_hash=mask.recipe_hash,
-                parameters=mask.params,
-                output_path=store,
-                rows=int(mask.mask.size),
-                seconds=mask.seconds,
-                versions=versions,
-            )
-            coords = compute_patch_coords(slide, slide_id, layout, mask, coords_params)
-            save_patch_coords(layout, coords)
-            catalog.record_event(
-                slide_id=slide_id,
-                asset="patch_coords",
-                status="done",
-                recipe_hash=coords.recipe_hash,
-                parameters=json.dumps(coords.params, default=str),
-                output_path=store,
-                rows=coords.num_patches,
-                dim=2,
-                seconds=coords.seconds,
-                versions=versions,
-            )
+        source.register(slide_id, path)
+    run_slides([SlideRef(k, p) for k, p in spec["slides"].items()], plan, StageEnv(layout=layout, catalog=catalog))
     t_end = time.perf_counter()
     print(RESULT_PREFIX + json.dumps({"imports": t_imported - t_start, "loop": t_end - t_imported}), flush=True)
 
 
 def runner_child(spec_path: str) -> None:
     t_start = time.perf_counter()
+    from atlaspatch_assets.cli.runner import RunSettings, run_slides
     from atlaspatch_assets.core.discovery import SlideFile
-    from atlaspatch_assets.runner import RunOptions, run_slides
+    from atlaspatch_assets.core.stages import CoordsParams, MaskParams, StagePlan
+    from atlaspatch_assets.core.store import GeometryParams
 
     spec = json.loads(Path(spec_path).read_text())
     t_imported = time.perf_counter()
     slides = [SlideFile(p, Path(p).stem) for p in spec["slides"].values()]
-    outcomes = run_slides(
-        slides, RunOptions(output=spec["output"], patch_size=256, step_size=None, target_mag=20.0, target_mpp=None)
-    )
+    settings = RunSettings(spec["output"], GeometryParams(256), StagePlan(mask=MaskParams(), coords=CoordsParams()))
+    outcomes = run_slides(slides, settings)
     t_end = time.perf_counter()
     bad = [o.slide_id for o in outcomes if o.status != "done"]
     print(
@@ -229,6 +179,10 @@ class Stack:
 
     def start(self) -> None:
         ws = str(REPO / "workspace.yaml")
+        # the instance's storage once, before webserver + daemon would both migrate it at once
+        subprocess.run(
+            [str(BIN / "dagster"), "instance", "migrate"], cwd=REPO, env=self.env, check=True, capture_output=True
+        )
         for name, args in (
             ("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port), "-w", ws]),
             ("daemon", [str(BIN / "dagster-daemon"), "run", "-w", ws]),
@@ -278,13 +232,13 @@ class Stack:
         return body["data"]
 
     def record(self) -> None:
-        from atlaspatch_assets.process_tree import record_descendants
+        from atlaspatch_assets.devtools.process_tree import record_descendants
 
         record_descendants(self.procs.values(), self.seen)
 
     def stop(self) -> None:
         """SIGTERM to each process group and every descendant seen, then SIGKILL by PID."""
-        from atlaspatch_assets.process_tree import stop_process_groups
+        from atlaspatch_assets.devtools.process_tree import stop_process_groups
 
         stop_process_groups(self.procs.values(), self.seen)
 
@@ -292,7 +246,7 @@ class Stack:
 def run_daemon(variant: str, slides: dict[str, str], batch: int, keep: bool) -> dict[str, Any]:
     from dagster import DagsterInstance
 
-    from atlaspatch_assets.resources import SlideSourceResource
+    from atlaspatch_assets.defs.resources import SlideSourceResource
 
     stack = Stack(WORK / f"daemon-{variant}", batch, executor=variant)
     try:
@@ -385,7 +339,7 @@ def run_daemon(variant: str, slides: dict[str, str], batch: int, keep: bool) -> 
 
 def compare_outputs(a: Path, b: Path, slides: dict[str, str]) -> str:
     """Same recipe hashes and patch counts in both outputs (the same work was done)."""
-    from atlaspatch_assets.core.pipeline import RunLayout
+    from atlaspatch_assets.core.store import RunLayout
 
     la, lb = RunLayout.create(a, 256, None, target_mag=20.0), RunLayout.create(b, 256, None, target_mag=20.0)
     diffs = []

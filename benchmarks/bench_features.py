@@ -48,16 +48,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from atlaspatch_assets.core.encoders import Encoder, get_encoder_spec  # noqa: E402
 from atlaspatch_assets.core.fast_reader import FastPatchReader  # noqa: E402
-from atlaspatch_assets.core.features import extract_features  # noqa: E402
-from atlaspatch_assets.core.pipeline import (  # noqa: E402
-    CoordsParams,
-    CoordsResult,
-    RunLayout,
-    compute_patch_coords,
-    compute_tissue_mask,
-)
 from atlaspatch_assets.core.segmentation import SegmentationParams  # noqa: E402
 from atlaspatch_assets.core.slide import Slide, open_slide  # noqa: E402
+from atlaspatch_assets.core.stages.coords import CoordsParams, CoordsResult, compute_patch_coords  # noqa: E402
+from atlaspatch_assets.core.stages.features import extract_features  # noqa: E402
+from atlaspatch_assets.core.stages.mask import compute_tissue_mask  # noqa: E402
+from atlaspatch_assets.core.store import RunLayout  # noqa: E402
 
 TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "make_test_slide.py"
 PATCH, MAG = 256, 20

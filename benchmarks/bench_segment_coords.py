@@ -88,7 +88,6 @@ def run_one(path: str, profile_out: str | None = None, tissue_thresh: float | No
     import tempfile
 
     import openslide  # noqa: F401  -- the backend open_slide loads lazily; keep it out of "open"
-
     from atlaspatch_assets.core.pipeline import (
         CoordsParams,
         RunLayout,
@@ -97,6 +96,7 @@ def run_one(path: str, profile_out: str | None = None, tissue_thresh: float | No
         save_patch_coords,
         save_tissue_mask,
     )
+
     from atlaspatch_assets.core.segmentation import SegmentationParams
     from atlaspatch_assets.core.slide import open_slide
 

@@ -110,3 +110,25 @@ def test_workers_default_is_one_value_everywhere() -> None:
 def test_out_of_range_values_are_refused_before_any_work(params: object, needle: str) -> None:
     with pytest.raises(UsageError, match=needle.replace(".", r"\.")):
         check_params(params)
+
+
+def test_launchpad_preset_validates_and_holds_the_core_defaults() -> None:
+    from pathlib import Path
+
+    import yaml
+    from dagster import validate_run_config
+
+    from atlaspatch_assets.defs.definitions import build_definitions
+
+    preset = yaml.safe_load(
+        (Path(__file__).parents[1] / "resources/run_config/segment_and_get_coords.yaml").read_text()
+    )
+    job = build_definitions(encoders=[], slide_encoders=[]).resolve_job_def("segment_and_get_coords")
+    validate_run_config(job, preset)
+    sections = preset["ops"]["slide_stages"]["config"]
+    for params_cls, section in ((MaskParams, "tissue_mask"), (CoordsParams, "patch_coords")):
+        defaults = params_cls()
+        for name, value in sections[section].items():
+            assert getattr(defaults, name) == value, (section, name)
+    store = preset["resources"]["store"]["config"]
+    assert GeometryParams().patch_size == store["patch_size"] and GeometryParams().target_mag == store["target_mag"]

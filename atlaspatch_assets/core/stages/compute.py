@@ -7,7 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..params import param
+import os
+
+from ..params import param, split_names
+
+PLUGINS_ENV = "ATLASPATCH_FEATURE_PLUGINS"
 
 PRECISION_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
@@ -54,8 +58,9 @@ class ModelParams:
         default_factory=dict, help="Weights file of one slide encoder, NAME=PATH (repeatable)"
     )
     plugins: list[str] = param(
-        default_factory=list,
-        help="Python file defining register_feature_extractors(registry, device, dtype, num_workers) (repeatable)",
+        default_factory=lambda: split_names(os.environ.get(PLUGINS_ENV)),
+        help="Python file defining register_feature_extractors(registry, device, dtype, num_workers) "
+        f"(repeatable; the UI: ${PLUGINS_ENV})",
         cli="feature-plugin",
     )
     random_slide_weights: bool = param(False, "Random-weight slide encoders (tests and benchmarks only)", cli="")

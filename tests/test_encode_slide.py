@@ -92,12 +92,37 @@ def test_geometry_mismatch_and_incompatible_encoders_fail_before_work(tmp_path: 
     assert not any(tmp_path.rglob("*.h5"))
 
 
-def test_missing_required_patch_weights_fail_per_slide(tmp_path: Path) -> None:
+def test_missing_weights_of_slide_and_patch_encoder_are_refused_before_work(tmp_path: Path) -> None:
     code, text = _cli("encode-slide", str(CMU), "-o", str(tmp_path), "--slide-encoders", "moozy")
-    assert code == 1
-    assert "lunit_vit_small_patch8_dino" in text and "--weights-dir" in text
-    with h5py.File(tmp_path / RUN / "patches" / "CMU-1-Small-Region.h5") as f:  # geometry from moozy
-        assert f.attrs["patch_size"] == 224 and "coords" in f and "slide_features" not in f
+    assert code == 2  # both missing weights listed at once, nothing started
+    assert "features/lunit_vit_small_patch8_dino" in text and "slide_features/moozy" in text
+    assert "--weights-dir" in text and not (tmp_path / RUN).exists()
+
+
+def test_slide_embedding_not_run_when_its_patch_features_fail(tmp_path: Path) -> None:
+    """In a run (no pre-check), the slide encoder of a slide whose patch features failed is not run
+    and says why; mask and coordinates are stored at the slide encoder's geometry."""
+    from atlaspatch_assets.core.catalog import Catalog
+    from atlaspatch_assets.core.source import SlideRef
+    from atlaspatch_assets.core.stages import (
+        CoordsParams,
+        MaskParams,
+        StageEnv,
+        StagePlan,
+        plan_slide_encoders,
+        run_slide,
+    )
+    from atlaspatch_assets.core.store import RunLayout
+
+    p = plan_slide_encoders(["moozy"])
+    layout = RunLayout.create(tmp_path, p.patch_size, target_mag=p.target_mag)
+    assert layout.root.name == RUN  # the geometry comes from moozy
+    plan = StagePlan(mask=MaskParams(), coords=CoordsParams(), encoders=p.patch_encoders, targets=p.targets)
+    outs = {o.asset: o for o in run_slide(SlideRef("cmu", str(CMU)), plan, StageEnv(layout, Catalog(tmp_path / "c")))}
+    assert outs["features/lunit_vit_small_patch8_dino"].status == "failed"
+    moozy = outs["slide_features/moozy"]
+    assert moozy.status == "failed" and "not run: features/lunit_vit_small_patch8_dino failed" in moozy.reason
+    assert layout.store("cmu").num_patches() and not layout.store("cmu").slide_feature_names()
 
 
 def test_encode_patient_manifest(tmp_path: Path) -> None:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from filelock import FileLock
 
 from .base import AttrsUpdate, DatasetWrite, SlideStore
 from .files import TMP_MARK, temp_name
@@ -46,16 +44,6 @@ def _decode(v: Any) -> Any:
 
 class H5SlideStore(SlideStore):
     """One slide's HDF5 file (`patches/<slide_id>.h5`)."""
-
-    @property
-    def lock_path(self) -> Path:
-        return self.path.with_name(f".{self.path.name}.lock")
-
-    @contextmanager
-    def lock(self, timeout: float = 600.0) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.lock_path), timeout=timeout):
-            yield
 
     def exists(self) -> bool:
         return self.path.is_file()

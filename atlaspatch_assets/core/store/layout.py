@@ -33,7 +33,6 @@ FEATURES = "features"  # features/<encoder> (N, D)
 SLIDE_FEATURES = "slide_features"  # slide_features/<name> (D,)
 
 
-
 @dataclass(frozen=True)
 class StoreFormat:
     """A per-slide store backend: where its stores live in a run folder and which class reads them."""

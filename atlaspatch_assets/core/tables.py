@@ -31,6 +31,7 @@ import pyarrow.dataset as ds
 from .catalog import append_file
 from .params import recipe_hash
 from .store import RunLayout, json_attr
+from .store.layout import TABLES_DIR
 
 SLIDE_EMBEDDINGS = "slide_embeddings"
 PATIENT_EMBEDDINGS = "patient_embeddings"
@@ -109,6 +110,11 @@ class Tables:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    @classmethod
+    def of_output(cls, output: str | Path) -> Tables:
+        """The tables of an output root (beside `catalog/`)."""
+        return cls(Path(output) / TABLES_DIR)
+
     def path(self, table: str) -> Path:
         return self.root / table
 
@@ -126,6 +132,14 @@ class Tables:
         if not d.is_dir():
             return []
         return sorted(p for p in d.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_")))
+
+    def count(self, table: str) -> int:
+        """Rows appended so far (from the Parquet footers: no data read)."""
+        files = self.files(table)
+        return ds.dataset([str(p) for p in files], format="parquet").count_rows() if files else 0
+
+    def counts(self) -> dict[str, int]:
+        return {t: self.count(t) for t in TABLES}
 
     def read(self, table: str) -> pa.Table:
         """Every row (append order)."""

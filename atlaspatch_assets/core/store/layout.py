@@ -53,6 +53,7 @@ FORMATS = {
 }
 STORE_FORMATS = tuple(FORMATS)
 DEFAULT_FORMAT = "h5"  # the seed's
+TABLES_DIR = "tables"  # <output>/tables/: the lakehouse tables (core.tables)
 RUN_FOLDER = re.compile(r"^(?P<mag>[0-9.]+)x_(?P<patch>\d+)px_(?P<overlap>-?\d+)px_overlap$")
 
 
@@ -160,7 +161,7 @@ class RunLayout:
 
     @property
     def tables_dir(self) -> Path:
-        return self.output / "tables"
+        return self.output / TABLES_DIR
 
     @property
     def store_format(self) -> StoreFormat:

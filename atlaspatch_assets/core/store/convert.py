@@ -45,7 +45,7 @@ class SlideConversion:
 def native_attr(v: Any) -> Any:
     """An attribute as readers see it (`attr_view`) back to its structured value when that is
     lossless: JSON strings of dicts/lists become dicts/lists again (readable in Zarr metadata)."""
-    if isinstance(v, str) and v[:1] in "{[":
+    if isinstance(v, str) and v[:1] in ("{", "["):
         try:
             parsed = json.loads(v)
         except ValueError:

@@ -481,3 +481,13 @@ def test_format_registry_and_detection(tmp_path: Path) -> None:
     assert RunLayout.from_run_dir(lay.root).format == "h5"  # both: the one with more slides
     assert RunLayout.from_run_dir(lay.root, format="zarr").slide_ids() == ["a"]
     assert isinstance(lay.store("a"), SlideStore)
+
+
+@pytest.mark.parametrize("cls", [H5SlideStore, ZarrSlideStore])
+def test_read_rows_reads_any_rows_of_either_backend(tmp_path: Path, cls: type) -> None:
+    feats = np.random.default_rng(2).random((1000, 6), dtype=np.float32)
+    store = cls(tmp_path / f"s{'.h5' if cls is H5SlideStore else '.zarr'}")
+    store.write({"features/a": DatasetWrite(feats, chunk_rows=64)})
+    rows = [999, 3, 3, 500, 0, 64, 63]
+    assert np.array_equal(store.read_rows("features/a", rows), feats[rows])
+    assert store.read_rows("features/a", []).shape == (0, 6)

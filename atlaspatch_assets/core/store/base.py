@@ -113,6 +113,15 @@ class SlideStore(ABC):
     def read(self, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         """(data, attrs) of a dataset; KeyError/OSError when absent."""
 
+    def read_rows(self, name: str, rows: np.ndarray | list[int]) -> np.ndarray:
+        """Rows `rows` (axis 0, any order, repeats allowed) of a dataset, reading only their chunks."""
+        idx = np.asarray(rows, np.int64)
+        want, inverse = np.unique(idx, return_inverse=True)  # the backends read sorted, unique rows
+        return self._read_sorted_rows(name, want)[inverse.reshape(idx.shape)]
+
+    def _read_sorted_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        return self.read(name)[0][rows]  # a backend without partial reads
+
     @abstractmethod
     def dataset_attrs(self, name: str) -> dict[str, Any]:
         """Attributes of a dataset ({} when absent)."""

@@ -66,6 +66,10 @@ class H5SlideStore(SlideStore):
             ds = f[name]
             return ds[()], {k: _decode(v) for k, v in ds.attrs.items()}
 
+    def _read_sorted_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            return f[name][rows] if len(rows) else f[name][:0]
+
     def dataset_attrs(self, name: str) -> dict[str, Any]:
         if not self.exists():
             return {}

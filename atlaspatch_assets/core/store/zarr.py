@@ -119,6 +119,10 @@ class ZarrSlideStore(SlideStore):
             raise KeyError(f"{name} is a group, not a dataset")
         return np.asarray(arr[...]), {k: attr_view(v) for k, v in arr.attrs.items()}
 
+    def _read_sorted_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        arr = self._group()[name]
+        return np.asarray(arr.get_orthogonal_selection((rows, *(slice(None),) * (arr.ndim - 1))))
+
     def dataset_attrs(self, name: str) -> dict[str, Any]:
         meta = self._array_meta(name)
         return {} if meta is None else {k: attr_view(v) for k, v in meta.get("attributes", {}).items()}

@@ -38,6 +38,7 @@ def demo(output: str) -> None:
 
 
 def _register() -> None:
+    from .convert import convert_command
     from .export import export_command
     from .info import info
     from .slides import detect_tissue, encode_patient, encode_slide, process, segment_and_get_coords
@@ -48,6 +49,7 @@ def _register() -> None:
     main.add_command(status_command)
     main.add_command(compact_command)
     main.add_command(export_command)
+    main.add_command(convert_command)
 
 
 _register()

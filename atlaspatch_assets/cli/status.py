@@ -74,6 +74,7 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
     from rich.table import Table
 
     from ..core.catalog import slide_status
+    from ..core.tables import Tables
 
     console = _console()
     cat = _catalog(output)
@@ -140,6 +141,10 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
     )
     if not no_csv:
         msg += f" → {escape(str(csv_out))}"
+    tables = Tables.of_output(output)  # the lakehouse tables beside the catalog (rows appended so far)
+    if rows_per_table := {k: n for k, n in tables.counts().items() if n}:
+        listed = ", ".join(f"{k} {n} rows" for k, n in rows_per_table.items())
+        console.print(f"tables {escape(str(tables.root))}: {listed}", soft_wrap=True)
     console.print(msg, soft_wrap=True)
     sys.exit(1 if n_failed else 0)
 

@@ -170,6 +170,35 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def write_parquet_atomic(
+    d: Path, name: str, tbl: pa.Table, durable: bool = False, kv: Mapping[str, str] | None = None
+) -> Path:
+    """`tbl` as `d/name`, all or nothing: a hidden temporary (ignored by every reader), then a rename."""
+    tmp = d / f".{name}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            with pq.ParquetWriter(fh, tbl.schema) as w:
+                w.write_table(tbl)
+                if kv:  # footer key-value metadata (not copied into the Arrow schema blob)
+                    w.add_key_value_metadata(dict(kv))
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, d / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if durable:
+        _fsync_dir(d)
+    return d / name
+
+
+def append_file(d: Path, tbl: pa.Table, durable: bool = False) -> Path:
+    """One append of an append-only Parquet table folder: a new file with a unique, time-ordered name."""
+    d.mkdir(parents=True, exist_ok=True)
+    name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.parquet"
+    return write_parquet_atomic(d, name, tbl, durable)
+
+
 class Catalog:
     def __init__(self, root: str | Path, fsync: bool = False):
         """`fsync=True` makes each append durable across power loss (a few ms per event)."""
@@ -197,10 +226,7 @@ class Catalog:
                     v = json.dumps(v, sort_keys=True, default=str)
                 cols[f.name].append(v)
         tbl = pa.table(cols, schema=schema)
-        d = self.root / table
-        d.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.parquet"
-        return self._write_atomic(d, name, tbl, durable=self.fsync)
+        return append_file(self.root / table, tbl, durable=self.fsync)
 
     def record_event(self, **row: Any) -> None:
         self.append(EVENTS, [row])
@@ -208,22 +234,7 @@ class Catalog:
     def _write_atomic(
         self, d: Path, name: str, tbl: pa.Table, durable: bool, kv: Mapping[str, str] | None = None
     ) -> Path:
-        tmp = d / f".{name}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                with pq.ParquetWriter(fh, tbl.schema) as w:
-                    w.write_table(tbl)
-                    if kv:  # footer key-value metadata (not copied into the Arrow schema blob)
-                        w.add_key_value_metadata(dict(kv))
-                if durable:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, d / name)
-        finally:
-            tmp.unlink(missing_ok=True)
-        if durable:
-            _fsync_dir(d)
-        return d / name
+        return write_parquet_atomic(d, name, tbl, durable, kv)
 
     # -- reading ----------------------------------------------------------------------------
 

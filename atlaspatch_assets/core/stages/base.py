@@ -21,6 +21,7 @@ from ..errors import SlideError
 from ..params import Renderer, render_refs
 from ..retry import call_with_retries, is_transient
 from ..store import RunLayout
+from ..tables import record_outcome
 
 log = logging.getLogger("atlaspatch")
 
@@ -88,7 +89,7 @@ class StageEnv:
             self.on_progress(slide_id, asset, done, total)
 
     def record(self, out: Outcome) -> None:
-        """The catalog event of an outcome (called after the result is stored)."""
+        """The catalog event of an outcome (called after the result is stored), then its table rows."""
         if self.catalog is None:
             return
         self.catalog.record_event(
@@ -107,6 +108,8 @@ class StageEnv:
             weights_hash=out.weights_hash,
             run_folder=self.layout.root.name,
         )
+        if out.status == DONE:  # the lakehouse tables (embeddings, patch summary) follow the event
+            record_outcome(self.layout, out.asset, out.slide_id, out.written, self.run_id)
 
 
 def failed(asset: str, slide_id: str, reason: str, transient: bool = False, **kw: Any) -> Outcome:

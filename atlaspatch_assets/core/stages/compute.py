@@ -4,10 +4,9 @@ so one missing weights file fails that encoder on every slide with the same reas
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-import os
 
 from ..params import param, split_names
 

@@ -11,12 +11,13 @@ import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from ..errors import SlideError
 from . import layout as L
@@ -59,8 +60,47 @@ def json_attr(v: Any) -> Any:
     return v
 
 
+def _flat_numbers(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(i, (int, float)) for i in v)
+
+
+def json_native(v: Any) -> Any:
+    """An attribute value as JSON-native data (what backends with JSON metadata, Zarr, store):
+    dicts and lists stay structured (readable in `zarr.json`), numpy values become Python ones."""
+    if v is None:
+        return ""  # HDF5 cannot hold None; every backend stores ""
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, (np.generic, np.ndarray)):
+        return v.tolist()
+    if isinstance(v, (dict, list, tuple)):
+        return json.loads(json.dumps(v, sort_keys=True, default=str))
+    return v
+
+
+def attr_view(v: Any) -> Any:
+    """A stored attribute as `SlideStore.attrs()`/`dataset_attrs()` return it, whatever the backend
+    (HDF5's rules, so callers are format-agnostic): a flat list of numbers is a list (numpy's type
+    promotion), any other dict or list a JSON string with sorted keys, numpy scalars Python ones.
+    (A >= 2-d numeric array attribute would read back as a JSON string from Zarr; none is stored.)"""
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, (np.generic, np.ndarray)):
+        return v.tolist()
+    if _flat_numbers(v):
+        return np.asarray(v).tolist()
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, sort_keys=True, default=str)
+    return v
+
+
 class SlideStore(ABC):
-    """A slide's store at `path` (backend-specific primitives + shared typed accessors)."""
+    """A slide's store at `path` (backend-specific primitives + shared typed accessors).
+
+    Writers of one slide serialize on a file lock beside the store (`.<name>.lock`).
+    """
 
     def __init__(self, path: str | Path, slide_id: str | None = None):
         self.path = Path(path)
@@ -84,6 +124,15 @@ class SlideStore(ABC):
     def read(self, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         """(data, attrs) of a dataset; KeyError/OSError when absent."""
 
+    def read_rows(self, name: str, rows: np.ndarray | list[int]) -> np.ndarray:
+        """Rows `rows` (axis 0, any order, repeats allowed) of a dataset, reading only their chunks."""
+        idx = np.asarray(rows, np.int64)
+        want, inverse = np.unique(idx, return_inverse=True)  # the backends read sorted, unique rows
+        return self._read_sorted_rows(name, want)[inverse.reshape(idx.shape)]
+
+    def _read_sorted_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        return self.read(name)[0][rows]  # a backend without partial reads
+
     @abstractmethod
     def dataset_attrs(self, name: str) -> dict[str, Any]:
         """Attributes of a dataset ({} when absent)."""
@@ -92,9 +141,16 @@ class SlideStore(ABC):
     def names(self) -> list[str]:
         """All dataset names."""
 
-    @abstractmethod
-    def lock(self, timeout: float | None = None) -> AbstractContextManager[None]:
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.lock")
+
+    @contextmanager
+    def lock(self, timeout: float | None = None) -> Iterator[None]:
         """The per-slide writer lock (`timeout` default: $ATLASPATCH_LOCK_TIMEOUT, 600 s)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.lock_path), timeout=lock_timeout() if timeout is None else timeout):
+            yield
 
     @abstractmethod
     def write(

@@ -31,7 +31,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _orphan(p: Path) -> bool:
+def is_orphan(p: Path) -> bool:
     pid = p.name.rsplit(TMP_MARK, 1)[-1].split("-", 1)[0]
     return pid.isdigit() and not _pid_alive(int(pid))
 
@@ -39,7 +39,7 @@ def _orphan(p: Path) -> bool:
 def remove_orphan_temps(path: Path) -> None:
     """Delete hidden temporaries of `path` whose writer process is gone (killed mid-write)."""
     for p in path.parent.glob(f".{path.name}{TMP_MARK}*"):
-        if _orphan(p):
+        if is_orphan(p):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -54,7 +54,7 @@ def remove_orphans_in(folder: Path) -> int:
     except OSError:
         return 0
     for p in entries:
-        if p.name.startswith(".") and TMP_MARK in p.name and _orphan(p):
+        if p.name.startswith(".") and TMP_MARK in p.name and is_orphan(p):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             n += 1
     return n

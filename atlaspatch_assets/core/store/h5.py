@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from filelock import FileLock
 
-from .base import AttrsUpdate, DatasetWrite, SlideStore, lock_timeout
+from .base import AttrsUpdate, DatasetWrite, SlideStore
 from .files import TMP_MARK, temp_name
 
 
@@ -47,16 +45,6 @@ def _decode(v: Any) -> Any:
 class H5SlideStore(SlideStore):
     """One slide's HDF5 file (`patches/<slide_id>.h5`)."""
 
-    @property
-    def lock_path(self) -> Path:
-        return self.path.with_name(f".{self.path.name}.lock")
-
-    @contextmanager
-    def lock(self, timeout: float | None = None) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.lock_path), timeout=lock_timeout() if timeout is None else timeout):
-            yield
-
     def exists(self) -> bool:
         return self.path.is_file()
 
@@ -77,6 +65,10 @@ class H5SlideStore(SlideStore):
         with h5py.File(self.path, "r") as f:
             ds = f[name]
             return ds[()], {k: _decode(v) for k, v in ds.attrs.items()}
+
+    def _read_sorted_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            return f[name][rows] if len(rows) else f[name][:0]
 
     def dataset_attrs(self, name: str) -> dict[str, Any]:
         if not self.exists():

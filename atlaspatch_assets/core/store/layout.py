@@ -2,17 +2,21 @@
 a run folder (ARCHITECTURE.md, "Storage").
 
     <output>/<mag>x_<patch>px_<overlap>px_overlap/       RunLayout.root (the geometry names it)
-      patches/<slide_id>.h5                              RunLayout.store(slide_id)
+      patches/<slide_id>.h5                              RunLayout.store(slide_id), format h5
+      zarr/<slide_id>.zarr/                              RunLayout.store(slide_id), format zarr
       masks/<slide_id>.geojson   visualization/   images/<slide_id>/
       patient_features/<name>/<case_id>.h5   patient_features/patients.json
       exports/
     <output>/catalog/                                    provenance (core.catalog)
+    <output>/tables/                                     lakehouse tables (core.tables)
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,7 +32,28 @@ THUMBNAIL = "tissue/thumbnail_jpeg"  # the segmented thumbnail, JPEG bytes (prev
 FEATURES = "features"  # features/<encoder> (N, D)
 SLIDE_FEATURES = "slide_features"  # slide_features/<name> (D,)
 
-STORE_FORMATS = ("h5",)
+
+@dataclass(frozen=True)
+class StoreFormat:
+    """A per-slide store backend: where its stores live in a run folder and which class reads them."""
+
+    name: str
+    folder: str  # inside the run folder
+    suffix: str  # of each slide's store (a file for h5, a directory for zarr)
+    backend: str  # "<module of this package>:<class>", imported on use (the backends import this module)
+
+    def store_class(self) -> type:
+        module, cls = self.backend.split(":")
+        return getattr(importlib.import_module(f".{module}", __package__), cls)
+
+
+FORMATS = {
+    "h5": StoreFormat("h5", "patches", ".h5", "h5:H5SlideStore"),
+    "zarr": StoreFormat("zarr", "zarr", ".zarr", "zarr:ZarrSlideStore"),
+}
+STORE_FORMATS = tuple(FORMATS)
+DEFAULT_FORMAT = "h5"  # the seed's
+TABLES_DIR = "tables"  # <output>/tables/: the lakehouse tables (core.tables)
 RUN_FOLDER = re.compile(r"^(?P<mag>[0-9.]+)x_(?P<patch>\d+)px_(?P<overlap>-?\d+)px_overlap$")
 
 
@@ -51,7 +76,13 @@ class GeometryParams:
     # 0.1x-200x: the plausible MPP range of slides (0.05-20 µm/px) with room for coarse targets
     target_mag: float | None = param(20.0, "Target magnification, e.g. 20 (= 0.5 µm/px)", ge=0.1, le=200)
     target_mpp: float | None = param(None, "Target µm/px (instead of the target magnification)", ge=0.05, le=100)
-    format: str = param("h5", "Per-slide store format", choices=STORE_FORMATS, cli="")
+    format: str = param(
+        DEFAULT_FORMAT,
+        "Per-slide store: h5 (patches/<slide>.h5) or zarr (zarr/<slide>.zarr, one directory per array)",
+        choices=STORE_FORMATS,
+        cli="store",
+        recipe=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -63,7 +94,11 @@ class RunLayout:
     step_size: int
     target_magnification: float
     target_mpp: float
-    format: str = "h5"
+    format: str = DEFAULT_FORMAT
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown store format {self.format!r} (one of: {', '.join(FORMATS)})")
 
     @classmethod
     def create(
@@ -73,7 +108,7 @@ class RunLayout:
         step_size: int | None = None,
         target_mag: float | None = None,
         target_mpp: float | None = None,
-        format: str = "h5",
+        format: str = DEFAULT_FORMAT,
     ) -> RunLayout:
         t_mpp, t_mag = target_mpp_from(target_mag, target_mpp)
         return cls(Path(output), int(patch_size), int(step_size or patch_size), t_mag, t_mpp, format)
@@ -83,14 +118,39 @@ class RunLayout:
         return cls.create(output, g.patch_size, g.step_size, g.target_mag, g.target_mpp, g.format)
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path) -> RunLayout:
-        """The layout of an existing run folder (its name holds magnification, patch and overlap)."""
+    def from_run_dir(cls, run_dir: str | Path, format: str | None = None) -> RunLayout:
+        """The layout of an existing run folder (its name holds magnification, patch and overlap).
+
+        The store format is `format`, else the one found on disk (`detect_format`).
+        """
         p = Path(run_dir)
         m = RUN_FOLDER.match(p.name)
         if not m:
             raise ValueError(f"{p.name!r} is not a run folder name (<mag>x_<patch>px_<overlap>px_overlap)")
         patch = int(m["patch"])
-        return cls.create(p.parent, patch, patch - int(m["overlap"]), target_mag=float(m["mag"]))
+        layout = cls.create(p.parent, patch, patch - int(m["overlap"]), target_mag=float(m["mag"]))
+        return layout.with_format(format or layout.detect_format())
+
+    def with_format(self, format: str) -> RunLayout:
+        return self if format == self.format else replace(self, format=format)
+
+    def formats_on_disk(self) -> list[str]:
+        """The store formats with at least one slide's store in this run folder."""
+        return [f for f in FORMATS if self.with_format(f).slide_ids()]
+
+    def detect_format(self) -> str:
+        """The format of the stores on disk. A run folder holding both (e.g. `atlaspatch convert
+        --keep-source`) reads the one with more slides, the seed's h5 on a tie, and logs it."""
+        found = self.formats_on_disk()
+        if len(found) <= 1:
+            return found[0] if found else self.format
+        counts = {f: len(self.with_format(f).slide_ids()) for f in found}
+        best = max(found, key=lambda f: (counts[f], f == DEFAULT_FORMAT))
+        logging.getLogger("atlaspatch").warning(
+            f"{self.root} holds {' and '.join(f'{counts[f]} {f}' for f in found)} stores: reading {best} "
+            f"(remove the other folder, or convert with `atlaspatch convert`)"
+        )
+        return best
 
     @property
     def root(self) -> Path:
@@ -101,19 +161,39 @@ class RunLayout:
         return self.output / "catalog"
 
     @property
+    def tables_dir(self) -> Path:
+        return self.output / TABLES_DIR
+
+    @property
+    def store_format(self) -> StoreFormat:
+        return FORMATS[self.format]
+
+    @property
+    def stores_dir(self) -> Path:
+        """The folder of this layout's per-slide stores (`patches/` for h5, `zarr/` for zarr)."""
+        return self.root / self.store_format.folder
+
+    @property
     def patches_dir(self) -> Path:
-        return self.root / "patches"
+        """The seed's name for the stores folder: the same as `stores_dir` (kept for its callers)."""
+        return self.stores_dir
+
+    def store_path(self, slide_id: str) -> Path:
+        return self.stores_dir / f"{slide_id}{self.store_format.suffix}"
 
     def store(self, slide_id: str):  # -> SlideStore (import cycle: the backends import this module)
-        from .h5 import H5SlideStore
-
-        return H5SlideStore(self.patches_dir / f"{slide_id}.h5", slide_id)
+        return self.store_format.store_class()(self.store_path(slide_id), slide_id)
 
     def slide_ids(self) -> list[str]:
-        """Ids of the slides with a store in this run folder."""
-        if not self.patches_dir.is_dir():
+        """Ids of the slides with a (complete) store in this run folder; hidden temporaries left out."""
+        if not self.stores_dir.is_dir():
             return []
-        return sorted(p.stem for p in self.patches_dir.glob("*.h5") if not p.name.startswith("."))
+        suffix, cls = self.store_format.suffix, self.store_format.store_class()
+        return sorted(
+            p.name[: -len(suffix)]
+            for p in self.stores_dir.iterdir()
+            if p.name.endswith(suffix) and not p.name.startswith(".") and cls(p).exists()
+        )
 
     def geojson_path(self, slide_id: str) -> Path:
         return self.root / "masks" / f"{slide_id}.geojson"

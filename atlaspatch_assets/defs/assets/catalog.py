@@ -22,6 +22,7 @@ from dagster import (
 )
 
 from ...core.catalog import EVENTS, SLIDES, STATUSES
+from ...core.tables import Tables
 from ..resources import StoreResource
 
 MAX_FAILURES = 20
@@ -36,11 +37,12 @@ def _md_cell(v: Any) -> str:
     kinds={"python", "parquet"},
     description=(
         "Provenance catalog (<output>/catalog, Parquet: slides, events): compacted, with the latest "
-        "state per slide × asset and process_list.csv."
+        "state per slide × asset and process_list.csv; links the tables (<output>/tables)."
     ),
 )
 def catalog(context: AssetExecutionContext, store: StoreResource) -> MaterializeResult:
     cat = store.catalog
+    tables = Tables(store.layout.tables_dir)
     compaction = cat.compact_all()
     for name, r in compaction.items():
         if r.path is not None:
@@ -87,6 +89,8 @@ def catalog(context: AssetExecutionContext, store: StoreResource) -> Materialize
         "latest_failures": MetadataValue.md(failures_md),
         "files": MetadataValue.json({t: len(cat.files(t)) for t in (SLIDES, EVENTS)}),
         "compacted_files": sum(r.files_merged for r in compaction.values()),
+        "tables_dir": MetadataValue.path(str(tables.root)),  # embeddings, patch summary (Parquet)
+        "table_rows": MetadataValue.json(tables.counts()),
     }
     for a, c in per_asset.items():
         for s in STATUSES:

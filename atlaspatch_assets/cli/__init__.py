@@ -11,8 +11,7 @@ import sys
 import click
 
 from .. import __version__
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+from .options import CONTEXT
 
 
 @click.group(context_settings=CONTEXT)

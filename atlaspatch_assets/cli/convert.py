@@ -11,8 +11,7 @@ import click
 from rich.markup import escape
 
 from ..core.store import STORE_FORMATS
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+from .options import CONTEXT
 
 
 def _mb(n: int) -> str:

@@ -16,8 +16,8 @@ import click
 from rich.markup import escape
 
 from ..core.exports import LAYOUTS, ExportUsageError, export
+from .options import CONTEXT
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 _STYLE = {"done": "green", "skipped": "cyan", "failed": "red"}
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+from .options import CONTEXT
 
 
 @click.command("info", context_settings=CONTEXT)

@@ -20,6 +20,16 @@ from ..core.params import ParamInfo, params_of
 
 T = TypeVar("T")
 
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def output_option(help: str = "Output root (holds catalog/)") -> Callable[[Any], Any]:
+    """`--output/-o`: the output root every command reads or writes (default ./output)."""
+    return click.option(
+        "--output", "-o", type=click.Path(file_okay=False), default="./output", show_default=True, help=help
+    )
+
+
 # The option (dest) each (section, field) got: renders parameter references as flags.
 FLAGS: dict[tuple[str, str], str] = {}
 DESTS: dict[tuple[str, str], str] = {}

@@ -25,9 +25,8 @@ from ..core.stages import (
     StagePlan,
 )
 from ..core.store import GeometryParams
-from .options import cli_ref, options_for, params_from
+from .options import CONTEXT, cli_ref, options_for, output_option, params_from
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 REQUIRED = "[required]"
 
 
@@ -50,14 +49,7 @@ def _common(fn: Callable[..., Any], coords: bool) -> Callable[..., Any]:
                 },
             },
         ),
-        click.option(
-            "--output",
-            "-o",
-            type=click.Path(file_okay=False),
-            default="./output",
-            show_default=True,
-            help="Output root (run folder <mag>x_<patch>px_<overlap>px_overlap inside)",
-        ),
+        output_option("Output root (run folder <mag>x_<patch>px_<overlap>px_overlap inside)"),
         options_for(ComputeParams, only=["device"]),
         options_for(MaskParams),
         options_for(CoordsParams) if coords else None,

@@ -17,9 +17,9 @@ import click
 from rich import box
 from rich.markup import escape
 
+from .options import CONTEXT, output_option
 from .summary import shorten
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 _STYLE = {"done": "green", "skipped": "cyan", "failed": "red", "pending": "yellow"}
 
 
@@ -47,14 +47,7 @@ def _catalog(output: str) -> Any:
 
 
 @click.command("status", context_settings=CONTEXT)
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(file_okay=False),
-    default="./output",
-    show_default=True,
-    help="Output root (holds catalog/)",
-)
+@output_option()
 @click.option("--slide", "slides", multiple=True, metavar="ID", help="Only this slide id (repeatable)")
 @click.option("--failed", is_flag=True, help="Only (slide, asset) pairs whose latest event failed")
 @click.option(
@@ -150,14 +143,7 @@ def status_command(output: str, slides: tuple[str, ...], failed: bool, csv_path:
 
 
 @click.command("catalog-compact", context_settings=CONTEXT)
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(file_okay=False),
-    default="./output",
-    show_default=True,
-    help="Output root (holds catalog/)",
-)
+@output_option()
 @click.option(
     "--timeout",
     type=float,

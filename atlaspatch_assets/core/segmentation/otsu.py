@@ -1,18 +1,43 @@
-"""Classical tissue detection: HSV saturation → median blur → Otsu → morphological close.
+"""Classical tissue detection (no weights): optical density against the glass, ink and artifact rules.
+
+Brightfield, for any stain:
+
+1. the glass is modelled (`glass.py`: tint, illumination field, noise) and every pixel becomes
+   optical density relative to it, per channel;
+2. ink (hue rules) and colourless matter (dark edges, dust, bubble rims, labels, black ink) are
+   set aside (`artifacts.py`);
+3. the density left (max over channels: DAB, eosin, pale hematoxylin all count) is thresholded by
+   hysteresis: a pixel is tissue when it is above the low threshold (a multiple of the glass noise,
+   at least `min_density`) and connected to pixels above the high one (Otsu's threshold of the
+   density, kept between 2× the low one and 0.15). Faint but textured tissue (fat: thin
+   membranes around empty cells) is added where such weak pixels are dense;
+4. a morphological closing (`close_um`); the area filters and hole filling follow in
+   `TissueMask.from_raw`.
 
 Fluorescence slides (dark background, detected or given as `modality`) use the brightest
-channel instead of saturation: tissue is where the signal is, above Otsu's threshold.
+channel instead: tissue is where the signal density is, above Otsu's threshold in log space.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
+from .artifacts import grow, ink_mask, neutral_mask
 from .base import SegmentationParams
+from .glass import Glass, estimate_glass
 from .modality import resolve_modality
 
+log = logging.getLogger("atlaspatch")
+
 FLUORESCENCE_FLOOR = 8  # brightest-channel value below which a fluorescence pixel is background
+NOISE_FACTOR = 5.0  # low threshold = this many glass-noise deviations (at least min_density)
+MAX_HIGH = 0.15  # the high (seed) threshold never exceeds this density
+TEXTURE_UM = 72.0  # window of the weak-pixel density (a few fat cells)
+TEXTURE_DENSITY = 0.15  # share of faint pixels (above half the low threshold) in the window that makes it tissue
 
 
 def _odd(n: float) -> int:
@@ -20,22 +45,95 @@ def _odd(n: float) -> int:
     return k if k % 2 else k + 1
 
 
+@dataclass
+class Layers:
+    """Per-pixel maps of a brightfield thumbnail (all (h, w), at thumbnail resolution)."""
+
+    glass: Glass
+    density: np.ndarray  # float32: max over channels of OD relative to the glass
+    ink: np.ndarray  # bool
+    neutral: np.ndarray  # bool
+
+
+def brightfield_layers(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams) -> Layers:
+    """Glass model, density, ink and colourless-matter masks of an RGB uint8 thumbnail."""
+    log_rgb = np.log(np.maximum(thumb[..., :3], 1).astype(np.float32))
+    glass = estimate_glass(log_rgb, thumb_mpp)
+    od = np.subtract(glass.log_field, log_rgb, out=log_rgb)  # reuse the buffer: OD per channel
+    density = od.max(axis=2)
+    chroma = density - od.min(axis=2)
+    glass_like = density < max(params.min_density, NOISE_FACTOR * glass.noise)
+    neutral = neutral_mask(density, chroma, params.neutral_ratio, glass.noise, glass_like)
+    ink = ink_mask(od, density, thumb_mpp, glass_like | neutral) if params.ink else np.zeros(density.shape, bool)
+    return Layers(glass, density, ink, neutral)
+
+
 def segment_otsu(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 thumbnail; kernel sizes are physical (µm)."""
     if thumb.size == 0:
         return np.zeros(thumb.shape[:2], bool)
+    if thumb.ndim == 2:
+        thumb = np.dstack([thumb] * 3)
     if resolve_modality(thumb, params.modality) == "fluorescence":
         return _close(_fluorescence(thumb, thumb_mpp, params), thumb_mpp, params)
-    sat = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)[..., 1]
-    blurred = cv2.medianBlur(sat, min(_odd(params.median_blur_um / thumb_mpp), 255))
-    if int(blurred.max()) - int(blurred.min()) < 2:
-        # Flat saturation: either all glass or all tissue; Otsu is meaningless there.
-        return blurred >= max(params.sat_floor * 3, 25)
-    thr, _ = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    # Otsu can split tissue itself (pale vs. strongly stained) when the slide has little glass;
-    # the ceiling keeps pale tissue, the floor keeps glass noise out.
-    mask = (blurred > min(max(thr, params.sat_floor), params.sat_ceiling)).astype(np.uint8)
-    return _close(mask, thumb_mpp, params)
+    return _close(_brightfield(thumb, thumb_mpp, params), thumb_mpp, params)
+
+
+def _brightfield(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams) -> np.ndarray:
+    lay = brightfield_layers(thumb, thumb_mpp, params)
+    if not lay.glass.credible:
+        log.warning(
+            "tissue mask: no glass found on the thumbnail (all tissue, dark or one flat colour); "
+            "density measured against a standard white"
+        )
+    score = np.where(lay.ink | lay.neutral, 0.0, lay.density).astype(np.float32)
+    low = max(params.min_density, NOISE_FACTOR * lay.glass.noise)
+    seeds = cv2.GaussianBlur(score, (0, 0), 0.7)  # seeds from a slightly smoothed density (noise)
+    high = min(max(2.0 * low, _otsu(seeds)), max(MAX_HIGH, 2.0 * low))
+    weak = score > low
+    k = _odd(TEXTURE_UM / thumb_mpp)
+    if k >= 3:
+        faint = (score > 0.5 * low).astype(np.float32)
+        dense = (cv2.blur(faint, (k, k)) >= TEXTURE_DENSITY).astype(np.uint8)
+        # the window reaches k/2 beyond a dense region: erode that back
+        dense = cv2.erode(dense, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).astype(bool)
+        weak |= dense & ~(lay.ink | lay.neutral)
+    return _refine_edges(grow(seeds > high, weak), score)
+
+
+def _refine_edges(mask: np.ndarray, score: np.ndarray, passes: int = 2) -> np.ndarray:
+    """Drop edge pixels whose density is below half the tissue's nearby (interior) density.
+
+    The low threshold also takes pixels only partly covered by tissue; a pixel is tissue when
+    most of it is, i.e. when its density reaches half of what full cover gives nearby.
+    """
+    m = mask.astype(np.uint8)
+    if not m.any():
+        return mask
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    for _ in range(passes):
+        inner = cv2.erode(m, cross)
+        edge = (m > 0) & (inner == 0)
+        if not edge.any():
+            break
+        w = inner.astype(np.float32)
+        num = cv2.blur(score * w, (7, 7))
+        den = cv2.blur(w, (7, 7))
+        level = np.where(den > 0, num / np.maximum(den, 1e-6), np.inf)
+        drop = edge & (score < 0.5 * level)
+        if not drop.any():
+            break
+        m[drop] = 0
+    return m.astype(bool)
+
+
+def _otsu(score: np.ndarray) -> float:
+    """Otsu's threshold of the density (0-1 mapped to 0-255)."""
+    s8 = np.clip(score * 255.0, 0, 255).astype(np.uint8)
+    if int(s8.max()) - int(s8.min()) < 2:
+        return MAX_HIGH
+    t, _ = cv2.threshold(s8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(t) / 255.0
 
 
 def _fluorescence(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams) -> np.ndarray:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .glass import local_std
+
 # (hue range in degrees, min saturation, min density) of strong ink; weak = grown region
 INK_RULES: dict[str, tuple[tuple[float, float], float, float]] = {
     "blue": ((195.0, 240.0), 0.45, 0.45),
@@ -38,12 +40,12 @@ INK_MARGIN_UM = 8.0  # removed around ink, where the thumbnail mixes ink and gla
 NEUTRAL_MIN_DENSITY = 0.05  # below this, chroma is mostly noise
 
 
-def hue_saturation(od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hue (degrees) and HSV saturation of the tint-corrected colour exp(-OD)."""
-    t = np.exp(-np.clip(od, 0.0, 8.0))
-    rgb8 = np.clip(t * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    hsv = cv2.cvtColor(rgb8, cv2.COLOR_RGB2HSV_FULL)  # H 0-255 for 0-360°
-    return hsv[..., 0].astype(np.float32) * (360.0 / 256.0), hsv[..., 1].astype(np.float32) / 255.0
+def hue_saturation(od: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Hue (degrees) and HSV saturation of the tint-corrected colour exp(-OD), from OD planes."""
+    t8 = [np.clip(cv2.exp(-np.maximum(p, 0.0)) * 255.0 + 0.5, 0, 255).astype(np.uint8) for p in od]
+    hsv = cv2.cvtColor(cv2.merge(t8), cv2.COLOR_RGB2HSV_FULL)  # H 0-255 for 0-360°
+    hue, sat, _ = cv2.split(hsv)
+    return hue.astype(np.float32) * np.float32(360.0 / 256.0), sat.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
 def _in_hue(hue: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -57,8 +59,8 @@ def _disk(radius_um: float, thumb_mpp: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
 
 
-def ink_mask(od: np.ndarray, dmax: np.ndarray, thumb_mpp: float, not_tissue: np.ndarray) -> np.ndarray:
-    """Bool mask of marker ink (blue, green, red; black is colourless matter) from OD (h, w, 3).
+def ink_mask(od: list[np.ndarray], dmax: np.ndarray, thumb_mpp: float, not_tissue: np.ndarray) -> np.ndarray:
+    """Bool mask of marker ink (blue, green, red; black is colourless matter) from OD planes.
 
     A region of ink colour is ink only when it also looks like ink: smooth (most of its pixels'
     3x3 std of density below MAX_ROUGHNESS x density; tissue has nuclei, fibres and gaps) and lying
@@ -68,21 +70,23 @@ def ink_mask(od: np.ndarray, dmax: np.ndarray, thumb_mpp: float, not_tissue: np.
     """
     hue, sat = hue_saturation(od)
     smooth = local_std(dmax, 3) < MAX_ROUGHNESS * np.maximum(dmax, 1e-3)
-    out = np.zeros(dmax.shape, bool)
+    candidates = np.zeros(dmax.shape, bool)
     rim = _disk(RIM_UM, thumb_mpp)
     for (lo, hi), min_sat, min_od in INK_RULES.values():
         in_hue = _in_hue(hue, lo, hi)
         strong = in_hue & (sat >= min_sat) & (dmax >= min_od)
         if not strong.any():
             continue
-        near = cv2.dilate(strong.astype(np.uint8), rim).astype(bool)
+        near = cv2.dilate(strong.view(np.uint8), rim).view(bool)
         rim_px = in_hue & (sat >= min_sat * WEAK_FACTOR) & (dmax >= min_od * WEAK_FACTOR) & near
         # where strokes cross, the colours mix (blue + red reads violet): dense smooth pixels
         # connected to the stroke are ink too (tissue is rarely smooth over more than a pixel)
-        weak = rim_px | (smooth & (dmax >= min_od)) | strong
-        out |= regions_on_glass(grow(strong, weak), not_tissue, INK_GLASS_AROUND, smooth)
+        candidates |= grow(strong, rim_px | (smooth & (dmax >= min_od)) | strong)
+    if not candidates.any():
+        return candidates
+    out = regions_on_glass(candidates, not_tissue, INK_GLASS_AROUND, smooth)
     if out.any():
-        out = cv2.dilate(out.astype(np.uint8), _disk(INK_MARGIN_UM, thumb_mpp)).astype(bool)
+        out = cv2.dilate(out.view(np.uint8), _disk(INK_MARGIN_UM, thumb_mpp)).view(bool)
     return out
 
 
@@ -105,33 +109,27 @@ def neutral_mask(
     return regions_on_glass(colourless, glass_like | colourless, NEUTRAL_GLASS_AROUND)
 
 
-def local_std(img: np.ndarray, k: int = 3) -> np.ndarray:
-    m = cv2.blur(img, (k, k))
-    m2 = cv2.blur(img * img, (k, k))
-    return np.sqrt(np.maximum(m2 - m * m, 0.0))
-
-
 def regions_on_glass(
     regions: np.ndarray, not_tissue: np.ndarray, min_share: float, smooth: np.ndarray | None = None
 ) -> np.ndarray:
     """The components of `regions` ringed by at least `min_share` of `not_tissue` pixels (and,
     given `smooth`, with at least half of their pixels smooth)."""
-    n, labels = cv2.connectedComponents(regions.astype(np.uint8), connectivity=8)
+    n, labels = cv2.connectedComponents(regions.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     if n <= 1:
         return regions.astype(bool)
     # a ring 2-4 px out: the pixels right at the edge mix the region and its surroundings
-    r8 = regions.astype(np.uint8)
-    outer = cv2.dilate(r8, np.ones((9, 9), np.uint8)).astype(bool)
-    ring = outer & ~cv2.dilate(r8, np.ones((3, 3), np.uint8)).astype(bool)
+    r8 = regions.view(np.uint8)
+    ring = cv2.dilate(r8, np.ones((9, 9), np.uint8)) > cv2.dilate(r8, np.ones((3, 3), np.uint8))
     # each ring pixel belongs to a nearby component (the largest label within 4 px)
-    owner = cv2.dilate(labels.astype(np.float32), np.ones((9, 9), np.uint8))[ring].astype(np.int64)
+    lab = labels.astype(np.uint16) if n < 65536 else labels.astype(np.float32)
+    owner = cv2.dilate(lab, np.ones((9, 9), np.uint8))[ring].astype(np.int64)
     total = np.bincount(owner, minlength=n)
-    free = np.bincount(owner, weights=not_tissue[ring].astype(np.float64), minlength=n)
+    free = np.bincount(owner[not_tissue[ring]], minlength=n)
     keep = free >= min_share * np.maximum(total, 1)
     if smooth is not None:
         flat = labels.ravel()
         size = np.bincount(flat, minlength=n)
-        keep &= np.bincount(flat, weights=smooth.ravel().astype(np.float64), minlength=n) >= 0.5 * size
+        keep &= np.bincount(flat[smooth.ravel()], minlength=n) >= 0.5 * size
     keep[0] = False
     return keep[labels]
 
@@ -140,8 +138,7 @@ def grow(seeds: np.ndarray, region: np.ndarray) -> np.ndarray:
     """Connected components of `region` (8-connected) that contain at least one seed pixel."""
     if not seeds.any():
         return np.zeros(region.shape, bool)
-    n, labels = cv2.connectedComponents(region.astype(np.uint8), connectivity=8)
-    keep = np.zeros(n, bool)
-    keep[np.unique(labels[seeds & region])] = True
+    n, labels = cv2.connectedComponents(region.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    keep = np.bincount(labels[seeds], minlength=n) > 0
     keep[0] = False
     return keep[labels]

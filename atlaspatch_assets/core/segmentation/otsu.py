@@ -28,7 +28,7 @@ import numpy as np
 
 from .artifacts import grow, ink_mask, neutral_mask
 from .base import SegmentationParams
-from .glass import Glass, estimate_glass
+from .glass import Glass, estimate_glass, log_planes
 from .modality import resolve_modality
 
 log = logging.getLogger("atlaspatch")
@@ -37,7 +37,7 @@ FLUORESCENCE_FLOOR = 8  # brightest-channel value below which a fluorescence pix
 NOISE_FACTOR = 5.0  # low threshold = this many glass-noise deviations (at least min_density)
 MAX_HIGH = 0.15  # the high (seed) threshold never exceeds this density
 TEXTURE_UM = 72.0  # window of the weak-pixel density (a few fat cells)
-TEXTURE_DENSITY = 0.15  # share of faint pixels (above half the low threshold) in the window that makes it tissue
+TEXTURE_DENSITY = 0.15  # share of faint pixels (above half the low threshold) that makes it tissue
 
 
 def _odd(n: float) -> int:
@@ -57,13 +57,14 @@ class Layers:
 
 def brightfield_layers(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams) -> Layers:
     """Glass model, density, ink and colourless-matter masks of an RGB uint8 thumbnail."""
-    log_rgb = np.log(np.maximum(thumb[..., :3], 1).astype(np.float32))
-    glass = estimate_glass(log_rgb, thumb_mpp)
-    od = np.subtract(glass.log_field, log_rgb, out=log_rgb)  # reuse the buffer: OD per channel
-    density = od.max(axis=2)
-    chroma = density - od.min(axis=2)
+    planes = log_planes(thumb)
+    glass = estimate_glass(planes, thumb_mpp)
+    od = [cv2.subtract(glass.plane(c), planes[c], dst=planes[c]) for c in range(3)]  # OD per channel, in place
+    density = cv2.max(cv2.max(od[0], od[1]), od[2])
+    chroma = density - cv2.min(cv2.min(od[0], od[1]), od[2])
     glass_like = density < max(params.min_density, NOISE_FACTOR * glass.noise)
     neutral = neutral_mask(density, chroma, params.neutral_ratio, glass.noise, glass_like)
+    del chroma
     ink = ink_mask(od, density, thumb_mpp, glass_like | neutral) if params.ink else np.zeros(density.shape, bool)
     return Layers(glass, density, ink, neutral)
 

@@ -128,8 +128,8 @@ def mask_to_polygons(mask: np.ndarray, min_area_px: float, min_hole_px: float) -
         poly = Polygon(c[:, 0, :].astype(float), holes)
         if not poly.is_valid:
             poly = poly.buffer(0)
-        if isinstance(poly, MultiPolygon):
-            polys.extend(g for g in poly.geoms if g.area > 0)
+        if isinstance(poly, MultiPolygon):  # a contour touching itself: keep the parts, not slivers
+            polys.extend(g for g in poly.geoms if g.area >= max(4.0, 0.01 * poly.area))
         elif not poly.is_empty:
             polys.append(poly)
     return polys

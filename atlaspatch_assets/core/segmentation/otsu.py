@@ -37,7 +37,9 @@ FLUORESCENCE_FLOOR = 8  # brightest-channel value below which a fluorescence pix
 NOISE_FACTOR = 5.0  # low threshold = this many glass-noise deviations (at least min_density)
 MAX_HIGH = 0.15  # the high (seed) threshold never exceeds this density
 TEXTURE_UM = 72.0  # window of the weak-pixel density (a few fat cells)
-TEXTURE_DENSITY = 0.15  # share of faint pixels (above half the low threshold) that makes it tissue
+TEXTURE_DENSITY = 0.15  # share of faint pixels (half the low threshold to FAINT_MAX) that makes it tissue
+FAINT_MAX = 0.2
+HOLE_TEXTURE = 0.1  # a hole with at least this share of faint pixels inside is tissue (fat)
 
 
 def _odd(n: float) -> int:
@@ -94,12 +96,32 @@ def _brightfield(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams
     weak = score > low
     k = _odd(TEXTURE_UM / thumb_mpp)
     if k >= 3:
-        faint = (score > 0.5 * low).astype(np.float32)
+        # only faint pixels count (not dense tissue): so the thin band of partly covered pixels and
+        # JPEG ringing along a tissue edge is not dense over a whole window, a fat lobule is
+        faint = ((score > 0.5 * low) & (score < FAINT_MAX)).astype(np.float32)
         dense = (cv2.blur(faint, (k, k)) >= TEXTURE_DENSITY).astype(np.uint8)
         # the window reaches k/2 beyond a dense region: erode that back
         dense = cv2.erode(dense, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).astype(bool)
         weak |= dense & ~(lay.ink | lay.neutral)
-    return _refine_edges(grow(seeds > high, weak), score)
+    mask = _refine_edges(grow(seeds > high, weak), score)
+    return _fill_textured_holes(mask, score > 0.5 * low)
+
+
+def _fill_textured_holes(mask: np.ndarray, faint: np.ndarray, rim: int = 3) -> np.ndarray:
+    """Fill holes whose inside (away from their rim) has faint density in at least HOLE_TEXTURE of
+    its pixels: a fat lobule inside tissue (thin membranes), not a lumen or glass (nothing)."""
+    n, labels = cv2.connectedComponents((~mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    if n <= 2:
+        return mask
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    k = 2 * rim + 1
+    inside = cv2.erode((~mask).view(np.uint8), np.ones((k, k), np.uint8)).view(bool)
+    total = np.bincount(labels[inside], minlength=n)
+    textured = np.bincount(labels[inside & faint], minlength=n)
+    fill = (total > 0) & (textured >= HOLE_TEXTURE * np.maximum(total, 1))
+    fill[border] = False
+    fill[0] = False  # label 0 is the tissue itself
+    return mask | fill[labels] if fill.any() else mask
 
 
 def _refine_edges(mask: np.ndarray, score: np.ndarray, passes: int = 2) -> np.ndarray:

@@ -40,18 +40,27 @@ INK_MARGIN_UM = 8.0  # removed around ink, where the thumbnail mixes ink and gla
 NEUTRAL_MIN_DENSITY = 0.05  # below this, chroma is mostly noise
 
 
-def hue_saturation(od: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Hue (degrees) and HSV saturation of the tint-corrected colour exp(-OD), from OD planes."""
-    t8 = [np.clip(cv2.exp(-np.maximum(p, 0.0)) * 255.0 + 0.5, 0, 255).astype(np.uint8) for p in od]
-    hsv = cv2.cvtColor(cv2.merge(t8), cv2.COLOR_RGB2HSV_FULL)  # H 0-255 for 0-360°
-    hue, sat, _ = cv2.split(hsv)
-    return hue.astype(np.float32) * np.float32(360.0 / 256.0), sat.astype(np.float32) * np.float32(1.0 / 255.0)
+def hue_saturation(od: list[np.ndarray], rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Hue (uint8, 0-255 for 0-360°) and HSV saturation (uint8, 0-255) of the tint-corrected
+    colour exp(-OD), from OD planes (computed in strips of `rows`, for memory)."""
+    h, w = od[0].shape
+    hue = np.empty((h, w), np.uint8)
+    sat = np.empty((h, w), np.uint8)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        t8 = [cv2.convertScaleAbs(cv2.exp(-np.maximum(p[y0:y1], 0.0)), alpha=255.0) for p in od]
+        hsv = cv2.cvtColor(cv2.merge(t8), cv2.COLOR_RGB2HSV_FULL)
+        hue[y0:y1] = hsv[..., 0]
+        sat[y0:y1] = hsv[..., 1]
+    return hue, sat
 
 
-def _in_hue(hue: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    if hi > 360.0:
-        return (hue >= lo) | (hue <= hi - 360.0)
-    return (hue >= lo) & (hue <= hi)
+def _in_hue(hue8: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Hue within [lo, hi] degrees (hi > 360 wraps through 0), on the 0-255 hue scale."""
+    a, b = int(np.floor(lo * 256 / 360)), int(np.ceil(hi * 256 / 360))
+    if b > 255:
+        return (hue8 >= a) | (hue8 <= b - 256)
+    return (hue8 >= a) & (hue8 <= b)
 
 
 def _disk(radius_um: float, thumb_mpp: float) -> np.ndarray:
@@ -59,8 +68,11 @@ def _disk(radius_um: float, thumb_mpp: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
 
 
-def ink_mask(od: list[np.ndarray], dmax: np.ndarray, thumb_mpp: float, not_tissue: np.ndarray) -> np.ndarray:
-    """Bool mask of marker ink (blue, green, red; black is colourless matter) from OD planes.
+def ink_mask(
+    hue: np.ndarray, sat: np.ndarray, dmax: np.ndarray, thumb_mpp: float, not_tissue: np.ndarray
+) -> np.ndarray:
+    """Bool mask of marker ink (blue, green, red; black is colourless matter), from the hue and
+    saturation of the tint-corrected colour (`hue_saturation`) and the density.
 
     A region of ink colour is ink only when it also looks like ink: smooth (most of its pixels'
     3x3 std of density below MAX_ROUGHNESS x density; tissue has nuclei, fibres and gaps) and lying
@@ -68,17 +80,20 @@ def ink_mask(od: list[np.ndarray], dmax: np.ndarray, thumb_mpp: float, not_tissu
     blue-stained tissue piece (alcian, toluidine, Giemsa) or trichrome's blue collagen inside
     tissue stays tissue, while a stroke crossing a tissue piece is ink.
     """
-    hue, sat = hue_saturation(od)
-    smooth = local_std(dmax, 3) < MAX_ROUGHNESS * np.maximum(dmax, 1e-3)
+    sd = local_std(dmax, 3)
+    thr = np.maximum(dmax, np.float32(1e-3))
+    thr *= np.float32(MAX_ROUGHNESS)
+    smooth = sd < thr
+    del sd, thr
     candidates = np.zeros(dmax.shape, bool)
     rim = _disk(RIM_UM, thumb_mpp)
     for (lo, hi), min_sat, min_od in INK_RULES.values():
         in_hue = _in_hue(hue, lo, hi)
-        strong = in_hue & (sat >= min_sat) & (dmax >= min_od)
+        strong = in_hue & (sat >= round(255 * min_sat)) & (dmax >= min_od)
         if not strong.any():
             continue
         near = cv2.dilate(strong.view(np.uint8), rim).view(bool)
-        rim_px = in_hue & (sat >= min_sat * WEAK_FACTOR) & (dmax >= min_od * WEAK_FACTOR) & near
+        rim_px = in_hue & (sat >= round(255 * min_sat * WEAK_FACTOR)) & (dmax >= min_od * WEAK_FACTOR) & near
         # where strokes cross, the colours mix (blue + red reads violet): dense smooth pixels
         # connected to the stroke are ink too (tissue is rarely smooth over more than a pixel)
         candidates |= grow(strong, rim_px | (smooth & (dmax >= min_od)) | strong)
@@ -103,7 +118,10 @@ def neutral_mask(
     if ratio <= 0:
         return np.zeros(dmax.shape, bool)
     floor = max(NEUTRAL_MIN_DENSITY, 4.0 * noise)
-    colourless = (dmax > floor) & (chroma < ratio * dmax + 2.0 * noise)
+    thr = dmax * np.float32(ratio)
+    thr += np.float32(2.0 * noise)
+    colourless = (chroma < thr) & (dmax > floor)
+    del thr
     if not colourless.any():
         return colourless
     return regions_on_glass(colourless, glass_like | colourless, NEUTRAL_GLASS_AROUND)

@@ -35,6 +35,7 @@ CELL_UM = 128.0
 RESIDUAL_UM = 500.0
 MAX_RESIDUAL = 0.03
 STATS_SAMPLE = 400_000  # pixels enough for the robust statistics (percentiles, medians)
+HALF_RES_PIXELS = 1_500_000  # thumbnails larger than this are modelled at half resolution
 
 LOG_LUT = np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0)).astype(np.float32)
 
@@ -45,9 +46,13 @@ def log_planes(rgb: np.ndarray) -> list[np.ndarray]:
 
 
 def local_std(img: np.ndarray, k: int = 3) -> np.ndarray:
+    """Standard deviation over a k x k box (float32), with two planes of working memory."""
     m = cv2.blur(img, (k, k))
-    m2 = cv2.blur(img * img, (k, k))
-    return np.sqrt(np.maximum(m2 - m * m, 0.0))
+    var = cv2.sqrBoxFilter(img, -1, (k, k))  # box mean of the squares
+    cv2.subtract(var, cv2.multiply(m, m, dst=m), dst=var)
+    del m
+    np.maximum(var, 0.0, out=var)
+    return cv2.sqrt(var, dst=var)
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Glass:
     noise: float  # robust std of the glass pixels' log luminance around the field
     credible: bool
     fraction: float  # share of the thumbnail taken as glass candidates
+    candidates: np.ndarray | None = None  # bool glass candidates while estimating (then dropped)
 
     def plane(self, c: int) -> np.ndarray:
         """Full-resolution (h, w) float32 log light of channel c."""
@@ -68,7 +74,22 @@ class Glass:
 
 
 def estimate_glass(planes: list[np.ndarray], thumb_mpp: float) -> Glass:
-    """Glass model of a thumbnail given as log planes (`log_planes`)."""
+    """Glass model of a thumbnail given as log planes (`log_planes`).
+
+    Big thumbnails are modelled at half resolution (the light is smooth; memory and time drop
+    4x); the noise is measured on full-resolution pixels.
+    """
+    h, w = planes[0].shape
+    f = 2 if h * w > HALF_RES_PIXELS else 1
+    work = [cv2.resize(p, (w // f, h // f), interpolation=cv2.INTER_AREA) for p in planes] if f > 1 else planes
+    glass = _estimate(work, thumb_mpp * f)
+    glass.shape = (h, w)
+    if glass.credible:
+        glass.noise = _pixel_noise(planes, glass, f)
+    return glass
+
+
+def _estimate(planes: list[np.ndarray], mpp: float) -> Glass:
     h, w = planes[0].shape
     lum = (planes[0] + planes[1] + planes[2]) * np.float32(1.0 / 3.0)
     smooth = local_std(lum) < SMOOTH_LOG
@@ -83,25 +104,43 @@ def estimate_glass(planes: list[np.ndarray], thumb_mpp: float) -> Glass:
             tint, credible = cand_tint, True
     if not credible:
         return Glass(np.broadcast_to(tint, (1, 1, 3)).copy(), (h, w), tint, 0.0, False, 0.0)
-
-    rel = [p - t for p, t in zip(planes, tint, strict=True)]  # tint removed
-    chroma = cv2.max(cv2.max(rel[0], rel[1]), rel[2]) - cv2.min(cv2.min(rel[0], rel[1]), rel[2])
-    del rel
-    cand = smooth & (chroma < COLOURLESS_LOG) & (lum > float(tint.mean()) - 0.6)
-    del chroma, smooth
-    glass = _fit(planes, lum, cand, thumb_mpp, tint)
-    lum_field = cv2.resize(np.ascontiguousarray(glass.coarse.mean(axis=2)), (w, h), interpolation=cv2.INTER_LINEAR)
-    resid = (lum - lum_field)[::step, ::step][cand[::step, ::step]]
-    glass.noise = float(1.4826 * np.median(np.abs(resid - np.median(resid)))) if resid.size else 0.0
+    # chroma with the tint removed, one channel at a time (no 3-plane temporary)
+    hi = planes[0] - tint[0]
+    lo = hi.copy()
+    for p, t in zip(planes[1:], tint[1:], strict=True):
+        rel = p - t
+        cv2.max(hi, rel, dst=hi)
+        cv2.min(lo, rel, dst=lo)
+    cand = smooth & ((hi - lo) < COLOURLESS_LOG) & (lum > float(tint.mean()) - 0.6)
+    del hi, lo, smooth
+    glass = _fit(planes, cand, mpp, tint)
     glass.fraction = float(np.count_nonzero(cand)) / cand.size
+    glass.candidates = cand
     return glass
+
+
+def _pixel_noise(planes: list[np.ndarray], glass: Glass, f: int) -> float:
+    """Robust per-pixel noise of the glass: MAD of horizontal neighbour differences of the log
+    luminance over glass candidates (on a row subsample), / sqrt(2). No field needed."""
+    cand = glass.candidates
+    h, w = planes[0].shape
+    step = max(1, int(h * w / STATS_SAMPLE / max(w, 1)))
+    rows = np.arange(0, h, step)
+    lum = (planes[0][rows] + planes[1][rows] + planes[2][rows]) * np.float32(1.0 / 3.0)
+    ok = cand[np.minimum(rows // f, cand.shape[0] - 1)][:, np.minimum(np.arange(w) // f, cand.shape[1] - 1)]
+    both = ok[:, 1:] & ok[:, :-1]
+    d = (lum[:, 1:] - lum[:, :-1])[both]
+    glass.candidates = None
+    if d.size < 16:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
 
 
 def _design(yy: np.ndarray, xx: np.ndarray, terms: int) -> np.ndarray:
     return np.column_stack([np.ones_like(xx), xx, yy, xx * xx, xx * yy, yy * yy])[:, :terms]
 
 
-def _fit(planes: list[np.ndarray], lum: np.ndarray, cand: np.ndarray, thumb_mpp: float, tint: np.ndarray) -> Glass:
+def _fit(planes: list[np.ndarray], cand: np.ndarray, thumb_mpp: float, tint: np.ndarray) -> Glass:
     h, w = cand.shape
     cell = max(4, int(round(CELL_UM / max(thumb_mpp, 1e-6))))
     gh, gw = max(1, h // cell), max(1, w // cell)

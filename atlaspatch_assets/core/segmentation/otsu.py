@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .artifacts import grow, ink_mask, neutral_mask
+from .artifacts import grow, hue_saturation, ink_mask, neutral_mask
 from .base import SegmentationParams
 from .glass import Glass, estimate_glass, log_planes
 from .modality import resolve_modality
@@ -58,16 +58,28 @@ class Layers:
 
 
 def brightfield_layers(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams) -> Layers:
-    """Glass model, density, ink and colourless-matter masks of an RGB uint8 thumbnail."""
-    planes = log_planes(thumb)
-    glass = estimate_glass(planes, thumb_mpp)
-    od = [cv2.subtract(glass.plane(c), planes[c], dst=planes[c]) for c in range(3)]  # OD per channel, in place
-    density = cv2.max(cv2.max(od[0], od[1]), od[2])
-    chroma = density - cv2.min(cv2.min(od[0], od[1]), od[2])
+    """Glass model, density, ink and colourless-matter masks of an RGB uint8 thumbnail.
+
+    Memory: the three OD planes plus ~3 planes of work at a time (float32, thumbnail size).
+    """
+    od = log_planes(thumb)
+    glass = estimate_glass(od, thumb_mpp)
+    for c in range(3):  # OD per channel, in place over the log planes
+        cv2.subtract(glass.plane(c), od[c], dst=od[c])
+    density = cv2.max(od[0], od[1])
+    cv2.max(density, od[2], dst=density)
+    chroma = cv2.min(od[0], od[1])
+    cv2.min(chroma, od[2], dst=chroma)
+    cv2.subtract(density, chroma, dst=chroma)  # max - min over channels
     glass_like = density < max(params.min_density, NOISE_FACTOR * glass.noise)
     neutral = neutral_mask(density, chroma, params.neutral_ratio, glass.noise, glass_like)
     del chroma
-    ink = ink_mask(od, density, thumb_mpp, glass_like | neutral) if params.ink else np.zeros(density.shape, bool)
+    if params.ink:
+        hue, sat = hue_saturation(od)
+        del od
+        ink = ink_mask(hue, sat, density, thumb_mpp, glass_like | neutral)
+    else:
+        ink = np.zeros(density.shape, bool)
     return Layers(glass, density, ink, neutral)
 
 
@@ -89,21 +101,28 @@ def _brightfield(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams
             "tissue mask: no glass found on the thumbnail (all tissue, dark or one flat colour); "
             "density measured against a standard white"
         )
-    score = np.where(lay.ink | lay.neutral, 0.0, lay.density).astype(np.float32)
+    score = lay.density  # reused in place: ink and colourless matter have no tissue density
+    score[lay.ink | lay.neutral] = 0.0
     low = max(params.min_density, NOISE_FACTOR * lay.glass.noise)
     seeds = cv2.GaussianBlur(score, (0, 0), 0.7)  # seeds from a slightly smoothed density (noise)
     high = min(max(2.0 * low, _otsu(seeds)), max(MAX_HIGH, 2.0 * low))
+    strong = seeds > high
+    del seeds
     weak = score > low
     k = _odd(TEXTURE_UM / thumb_mpp)
     if k >= 3:
         # only faint pixels count (not dense tissue): so the thin band of partly covered pixels and
         # JPEG ringing along a tissue edge is not dense over a whole window, a fat lobule is
-        faint = ((score > 0.5 * low) & (score < FAINT_MAX)).astype(np.float32)
-        dense = (cv2.blur(faint, (k, k)) >= TEXTURE_DENSITY).astype(np.uint8)
+        faint = ((score > 0.5 * low) & (score < FAINT_MAX)).view(np.uint8)
+        count = cv2.boxFilter(faint, cv2.CV_16U, (k, k), normalize=False)  # faint pixels per window
+        dense = (count >= TEXTURE_DENSITY * k * k).view(np.uint8)
+        del faint, count
         # the window reaches k/2 beyond a dense region: erode that back
         dense = cv2.erode(dense, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).astype(bool)
         weak |= dense & ~(lay.ink | lay.neutral)
-    mask = _refine_edges(grow(seeds > high, weak), score)
+    mask = grow(strong, weak)
+    del strong, weak
+    mask = _refine_edges(mask, score)
     return _fill_textured_holes(mask, score > 0.5 * low)
 
 
@@ -125,7 +144,8 @@ def _fill_textured_holes(mask: np.ndarray, faint: np.ndarray, rim: int = 3) -> n
 
 
 def _refine_edges(mask: np.ndarray, score: np.ndarray, passes: int = 2) -> np.ndarray:
-    """Drop edge pixels whose density is below half the tissue's nearby (interior) density.
+    """Drop edge pixels whose density is below half the tissue's nearby (interior) density, or
+    that have no interior pixel within 3 px.
 
     The low threshold also takes pixels only partly covered by tissue; a pixel is tissue when
     most of it is, i.e. when its density reaches half of what full cover gives nearby.
@@ -139,11 +159,17 @@ def _refine_edges(mask: np.ndarray, score: np.ndarray, passes: int = 2) -> np.nd
         edge = (m > 0) & (inner == 0)
         if not edge.any():
             break
-        w = inner.astype(np.float32)
-        num = cv2.blur(score * w, (7, 7))
-        den = cv2.blur(w, (7, 7))
-        level = np.where(den > 0, num / np.maximum(den, 1e-6), np.inf)
-        drop = edge & (score < 0.5 * level)
+        # mean density of the interior pixels around each edge pixel (box sums, compared at the
+        # edge pixels only)
+        num = cv2.boxFilter(np.where(inner > 0, score, np.float32(0.0)), -1, (7, 7), normalize=False)
+        den = cv2.boxFilter(inner, cv2.CV_32F, (7, 7), normalize=False)
+        ys, xs = np.nonzero(edge)
+        d = den[ys, xs]
+        # no interior pixel nearby (a strand 1-2 px wide, below the mask's resolution): dropped too
+        low_px = (d == 0) | (score[ys, xs] * d < 0.5 * num[ys, xs])
+        del num, den
+        drop = np.zeros_like(edge)
+        drop[ys[low_px], xs[low_px]] = True
         if not drop.any():
             break
         m[drop] = 0

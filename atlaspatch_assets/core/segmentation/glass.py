@@ -124,8 +124,7 @@ def _pixel_noise(planes: list[np.ndarray], glass: Glass, f: int) -> float:
     luminance over glass candidates (on a row subsample), / sqrt(2). No field needed."""
     cand = glass.candidates
     h, w = planes[0].shape
-    step = max(1, int(h * w / STATS_SAMPLE / max(w, 1)))
-    rows = np.arange(0, h, step)
+    rows = np.arange(0, h, max(1, int(h * w / STATS_SAMPLE)))  # ~STATS_SAMPLE pixels
     lum = (planes[0][rows] + planes[1][rows] + planes[2][rows]) * np.float32(1.0 / 3.0)
     ok = cand[np.minimum(rows // f, cand.shape[0] - 1)][:, np.minimum(np.arange(w) // f, cand.shape[1] - 1)]
     both = ok[:, 1:] & ok[:, :-1]

@@ -31,7 +31,7 @@ def _median_brightest(thumb: np.ndarray) -> float:
         brightest = thumb
     if brightest.dtype != np.uint8:
         return float(np.median(brightest))
-    counts = np.cumsum(np.bincount(brightest.ravel(), minlength=256))
+    counts = np.cumsum(cv2.calcHist([brightest], [0], None, [256], [0, 256]).ravel().astype(np.int64))
     n = int(counts[-1])
     lo = int(np.searchsorted(counts, (n - 1) // 2 + 1))  # the two middle order statistics
     hi = int(np.searchsorted(counts, n // 2 + 1))

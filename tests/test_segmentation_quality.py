@@ -156,10 +156,12 @@ def test_kidney_ihc_dust_and_smudge_are_not_tissue() -> None:
         ("one pixel", np.full((1, 1, 3), 200, np.uint8), True),
     ],
 )
-def test_bad_input_gives_a_mask(name: str, thumb: np.ndarray, empty: bool) -> None:
-    tm = segment_tissue(thumb, 8.0, SegmentationParams())
+def test_bad_input_gives_a_mask(name: str, thumb: np.ndarray, empty: bool, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="atlaspatch"):
+        tm = segment_tissue(thumb, 8.0, SegmentationParams())
     assert tm.mask.shape == thumb.shape[:2] and tm.mask.dtype == np.uint8, name
     assert (tm.tissue_fraction == 0.0) is empty, name
+    assert any("no tissue found" in r.getMessage() for r in caplog.records) is empty, name
 
 
 def test_all_tissue_slide_warns_and_is_tissue(caplog: pytest.LogCaptureFixture) -> None:

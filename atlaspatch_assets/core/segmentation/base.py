@@ -22,7 +22,7 @@ class SegmentationParams:
 
     method: str = param(
         "otsu",
-        "Tissue segmentation: otsu (classical, no weights) or sam2 (local checkpoint)",
+        "Tissue segmentation: otsu (classical, any stain, ink/debris rules, no weights) or sam2 (local checkpoint)",
         choices=("otsu", "sam2"),
         cli="seg-method",
     )

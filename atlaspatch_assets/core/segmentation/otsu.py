@@ -1,6 +1,6 @@
 """Classical tissue detection (no weights): optical density against the glass, ink and artifact rules.
 
-Brightfield, for any stain:
+Brightfield, for any stain (the method keeps the name `otsu`: Otsu picks the seed threshold):
 
 1. the glass is modelled (`glass.py`: tint, illumination field, noise) and every pixel becomes
    optical density relative to it, per channel;
@@ -9,10 +9,15 @@ Brightfield, for any stain:
 3. the density left (max over channels: DAB, eosin, pale hematoxylin all count) is thresholded by
    hysteresis: a pixel is tissue when it is above the low threshold (a multiple of the glass noise,
    at least `min_density`) and connected to pixels above the high one (Otsu's threshold of the
-   density, kept between 2× the low one and 0.15). Faint but textured tissue (fat: thin
-   membranes around empty cells) is added where such weak pixels are dense;
-4. a morphological closing (`close_um`); the area filters and hole filling follow in
+   density, kept between 2x the low one and 0.15). Faint but textured tissue (fat: thin
+   membranes around empty cells) is added where faint pixels are dense, and holes whose inside
+   is textured that way are filled;
+4. edge pixels below half the nearby tissue density (only partly tissue) are dropped, then a
+   morphological closing (`close_um`); the area filters and hole filling follow in
    `TissueMask.from_raw`.
+
+When the thumbnail shows no credible glass (all tissue, almost black, one flat colour), density
+is measured against a standard white and a warning is logged.
 
 Fluorescence slides (dark background, detected or given as `modality`) use the brightest
 channel instead: tissue is where the signal density is, above Otsu's threshold in log space.
@@ -38,7 +43,7 @@ NOISE_FACTOR = 5.0  # low threshold = this many glass-noise deviations (at least
 MAX_HIGH = 0.15  # the high (seed) threshold never exceeds this density
 TEXTURE_UM = 72.0  # window of the weak-pixel density (a few fat cells)
 TEXTURE_DENSITY = 0.15  # share of faint pixels (half the low threshold to FAINT_MAX) that makes it tissue
-FAINT_MAX = 0.2
+FAINT_MAX = 0.2  # denser pixels are tissue by themselves, not texture
 HOLE_TEXTURE = 0.1  # a hole with at least this share of faint pixels inside is tissue (fat)
 
 

@@ -5,11 +5,13 @@ illumination times the glass and mountant tint) and T the transmittance of what 
 optical density relative to the glass, OD = log L − log I, is what a stain adds, whatever the
 brightness, tint or unevenness of the light. L is estimated here:
 
-1. candidates: smooth pixels (glass has no texture at ~8 µm/px) that are colourless relative to the
-   brightest smooth colour (the glass tint) and not much darker than it;
+1. candidates: smooth pixels (glass has no texture at ~8 µm/px) of roughly the brightest smooth
+   colour (the glass tint), not much darker than it;
 2. the candidates are averaged on a grid of cells (~128 µm), and a smooth surface (2-D quadratic
    in log space) is fitted to the cells by asymmetric reweighted least squares: tissue only
-   darkens, so cells far below the surface get almost no weight;
+   darkens, so cells far below the surface get almost no weight; each channel gets its own
+   surface on the cells kept, so a tint that drifts across the slide is followed. Steps 1-2 run
+   twice, the second time with candidates colourless relative to the first light;
 3. the residuals of the cells kept are smoothed (normalized convolution, ~0.5 mm) and added back,
    for illumination the quadratic does not follow (stitching, mottle), at most ±3 %.
 
@@ -28,7 +30,8 @@ import numpy as np
 
 DEFAULT_GLASS = 240.0  # typical brightfield glass, when the slide shows none
 SMOOTH_LOG = 0.03  # max local std (log units, 3x3) of a glass pixel: ~3 % at 8 µm/px
-COLOURLESS_LOG = 0.04  # max chroma (max − min of log RGB, tint removed) of a glass pixel
+COLOURLESS_LOG = 0.04  # max chroma (max − min of log RGB, light removed) of a glass pixel
+LOOSE_COLOUR_LOG = 0.15  # first pass: max chroma against the brightest smooth colour
 MAX_GLASS_CHROMA = 0.18  # a brightest colour more coloured than this is not glass (e.g. pink)
 MIN_GLASS_LEVEL = float(np.log(96.0))  # darker than this is not glass (almost black slide)
 CELL_UM = 128.0
@@ -104,19 +107,31 @@ def _estimate(planes: list[np.ndarray], mpp: float) -> Glass:
             tint, credible = cand_tint, True
     if not credible:
         return Glass(np.broadcast_to(tint, (1, 1, 3)).copy(), (h, w), tint, 0.0, False, 0.0)
-    # chroma with the tint removed, one channel at a time (no 3-plane temporary)
-    hi = planes[0] - tint[0]
-    lo = hi.copy()
-    for p, t in zip(planes[1:], tint[1:], strict=True):
-        rel = p - t
-        cv2.max(hi, rel, dst=hi)
-        cv2.min(lo, rel, dst=lo)
-    cand = smooth & ((hi - lo) < COLOURLESS_LOG) & (lum > float(tint.mean()) - 0.6)
-    del hi, lo, smooth
+    # pass 1: smooth pixels roughly of the glass's colour; pass 2: colourless relative to the light
+    # fitted in pass 1 (so a tint that drifts across the slide stays glass), then the final fit
+    cand = smooth & (_chroma(planes, tint) < LOOSE_COLOUR_LOG) & (lum > float(tint.mean()) - 0.6)
+    glass = _fit(planes, cand, mpp, tint)
+    light = [glass.plane(c) for c in range(3)]
+    cand = smooth & (_chroma(planes, light) < COLOURLESS_LOG)
+    darker = (light[0] + light[1] + light[2]) * np.float32(1.0 / 3.0)
+    cand &= lum > darker - 0.6
+    del light, darker, smooth
     glass = _fit(planes, cand, mpp, tint)
     glass.fraction = float(np.count_nonzero(cand)) / cand.size
     glass.candidates = cand
     return glass
+
+
+def _chroma(planes: list[np.ndarray], ref: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """max - min over channels of log I - ref (ref: a tint per channel or a light plane per
+    channel), one channel at a time (no 3-plane temporary)."""
+    hi = planes[0] - ref[0]
+    lo = hi.copy()
+    for p, r in zip(planes[1:], ref[1:], strict=True):
+        rel = p - r
+        cv2.max(hi, rel, dst=hi)
+        cv2.min(lo, rel, dst=lo)
+    return cv2.subtract(hi, lo, dst=hi)
 
 
 def _pixel_noise(planes: list[np.ndarray], glass: Glass, f: int) -> float:
@@ -170,7 +185,6 @@ def _fit(planes: list[np.ndarray], cand: np.ndarray, thumb_mpp: float, tint: np.
         tol = max(0.015, 3.0 * float(np.std(upper)))
         weights = np.where(r > -tol, base, base * 1e-3)
     kept = weights >= base * 0.5
-    offsets = np.median(vals[kept] - lumv[kept][:, None], axis=0).astype(np.float32)  # the tint
     # residuals of the kept cells, smoothed by normalized convolution, clipped
     resid = np.zeros((gh, gw), np.float32)
     rw = np.zeros((gh, gw), np.float32)
@@ -180,7 +194,10 @@ def _fit(planes: list[np.ndarray], cand: np.ndarray, thumb_mpp: float, tint: np.
     num = cv2.GaussianBlur(resid, (0, 0), sigma)
     den = cv2.GaussianBlur(rw, (0, 0), sigma)
     corr = np.clip(num / np.maximum(den, 1e-3) * (den / (den + 0.05)), -MAX_RESIDUAL, MAX_RESIDUAL)
+    # one surface per channel, on the cells the luminance fit kept: the tint may drift too
+    aw = a * weights[:, None]
+    per_channel = np.linalg.solve(aw.T @ a + ridge * weights.sum(), aw.T @ vals)  # (terms, 3)
     yy, xx = np.mgrid[0:gh, 0:gw]
-    surf = (_design((yy.ravel() + 0.5) / gh * 2 - 1, (xx.ravel() + 0.5) / gw * 2 - 1, terms) @ coef).reshape(gh, gw)
-    coarse = (surf.astype(np.float32) + corr)[..., None] + offsets
+    grid = _design((yy.ravel() + 0.5) / gh * 2 - 1, (xx.ravel() + 0.5) / gw * 2 - 1, terms)
+    coarse = (grid @ per_channel).reshape(gh, gw, 3).astype(np.float32) + corr[..., None]
     return Glass(coarse.astype(np.float32), (h, w), tint, 0.0, True, 0.0)

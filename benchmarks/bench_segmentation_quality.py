@@ -362,6 +362,7 @@ def render(
     glass: tuple[float, float, float] = GLASS,
     uneven: float = 0.0,
     noise: float = 2.0,
+    tint_drift: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> np.ndarray:
     """RGB uint8 = glass colour x illumination field x exp(-OD) + sensor noise, in row strips."""
     h, w = c.height, c.width
@@ -384,6 +385,9 @@ def render(
         rgb = g * field_[..., None] * np.exp(-od)
         if uneven:  # the light's colour drifts a little across the slide too
             rgb[..., 2] *= 1.0 - 0.04 * uneven * (xs[None] + 1)
+        for c, drift in enumerate(tint_drift):  # the glass's tint changes from left to right
+            if drift:
+                rgb[..., c] *= 1.0 + drift * (xs[None] + 1) / 2
         rgb += rng.normal(0, noise, rgb.shape).astype(np.float32)
         out[y0:y1] = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
     return out
@@ -406,6 +410,7 @@ def _case(
     uneven: float = 0.0,
     noise: float = 2.0,
     pens: tuple[str, ...] = tuple(INKS),
+    tint_drift: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> Callable[[np.random.Generator], tuple[np.ndarray, ...]]:
     def paint(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c = Canvas(*SIZE)
@@ -418,7 +423,7 @@ def _case(
                 "bubbles": lambda: paint_bubbles(c, rng),
                 "label": lambda: paint_label(c, rng),
             }[a]()
-        rgb = render(c, rng, glass=glass, uneven=uneven, noise=noise)
+        rgb = render(c, rng, glass=glass, uneven=uneven, noise=noise, tint_drift=tint_drift)
         return rgb, c.truth, c.artifact & ~c.truth
 
     return paint
@@ -443,6 +448,12 @@ CASES = [
         "pale",
         "H&E + IHC, yellowish glass, 25 % vignetting/gradient, noise",
         _case(HE + IHC, glass=(246, 238, 222), uneven=0.25, noise=5.0),
+    ),
+    Case(
+        "tint_drift",
+        "pale",
+        "pale (50 %) H&E + IHC, the glass turning yellow to the right (blue -12 %, green -4 %)",
+        _case(HE + IHC, pale=0.5, tint_drift=(0.0, -0.04, -0.12)),
     ),
     Case("dark_glass", "pale", "H&E + IHC on dark glass (old scanner, ~190)", _case(HE + IHC, glass=(188, 190, 194))),
     Case("he_pen", "artifacts", "H&E with blue, green, black and red marker", _case(HE, artifacts=("pen",))),

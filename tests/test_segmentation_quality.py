@@ -70,7 +70,8 @@ def test_pale_ihc_on_uneven_tinted_glass(demo_od: tuple[np.ndarray, np.ndarray],
     h, w = od.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     light = 1.0 - 0.2 * (xx / w) - 0.08 * ((yy / h - 0.5) ** 2)  # 20 % gradient + a little vignetting
-    glass = np.array([246.0, 238.0, 222.0], np.float32) * light[..., None]  # yellowish mountant
+    glass = np.array([246.0, 238.0, 222.0], np.float32) * light[..., None]  # yellowish mountant ...
+    glass[..., 2] *= 1.0 - 0.1 * (yy / h)  # ... that yellows further down the slide
     mask = _segment(_render(od * pale, glass))
     assert dice(mask, to_grid(truth0, mask.shape)) >= 0.95
 

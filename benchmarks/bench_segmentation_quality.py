@@ -385,9 +385,9 @@ def render(
         rgb = g * field_[..., None] * np.exp(-od)
         if uneven:  # the light's colour drifts a little across the slide too
             rgb[..., 2] *= 1.0 - 0.04 * uneven * (xs[None] + 1)
-        for c, drift in enumerate(tint_drift):  # the glass's tint changes from left to right
+        for ch, drift in enumerate(tint_drift):  # the glass's tint changes from left to right
             if drift:
-                rgb[..., c] *= 1.0 + drift * (xs[None] + 1) / 2
+                rgb[..., ch] *= 1.0 + drift * (xs[None] + 1) / 2
         rgb += rng.normal(0, noise, rgb.shape).astype(np.float32)
         out[y0:y1] = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
     return out

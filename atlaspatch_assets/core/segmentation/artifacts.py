@@ -106,11 +106,16 @@ def ink_mask(
 
 
 def neutral_mask(
-    dmax: np.ndarray, chroma: np.ndarray, ratio: float, noise: float, glass_like: np.ndarray
+    dmax: np.ndarray,
+    chroma: np.ndarray,
+    ratio: float,
+    noise: float,
+    glass_like: np.ndarray,
+    chroma_noise: float = 0.0,
 ) -> np.ndarray:
     """Bool mask of colourless absorbing matter lying on glass.
 
-    Pixels whose chroma is below `ratio` x density (+ noise) are colourless; single pixels inside
+    Pixels whose chroma is below `ratio` x density (+ the glass's own chroma noise) are colourless; single pixels inside
     tissue can be too (brown DAB next to blue hematoxylin averages to grey), so a colourless
     region counts only when at least NEUTRAL_GLASS_AROUND of the pixels around it are glass (or
     colourless themselves): dust, bubble rims, dark edges, labels and black strokes are.
@@ -119,7 +124,7 @@ def neutral_mask(
         return np.zeros(dmax.shape, bool)
     floor = max(NEUTRAL_MIN_DENSITY, 4.0 * noise)
     thr = dmax * np.float32(ratio)
-    thr += np.float32(2.0 * noise)
+    thr += np.float32(max(2.0 * noise, chroma_noise))
     colourless = (chroma < thr) & (dmax > floor)
     del thr
     if not colourless.any():

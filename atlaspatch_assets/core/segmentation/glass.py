@@ -69,6 +69,7 @@ class Glass:
     credible: bool
     fraction: float  # share of the thumbnail taken as glass candidates
     candidates: np.ndarray | None = None  # bool glass candidates while estimating (then dropped)
+    chroma_noise: float = 0.0  # 90th percentile of the glass pixels' chroma against the light
 
     def plane(self, c: int) -> np.ndarray:
         """Full-resolution (h, w) float32 log light of channel c."""
@@ -147,6 +148,11 @@ def _pixel_noise(planes: list[np.ndarray], glass: Glass, f: int) -> float:
     glass.candidates = None
     if d.size < 16:
         return 0.0
+    # the chroma of glass pixels against the light: JPEG's subsampled colour adds some even where
+    # the luminance is flat
+    rel = [planes[c][rows] - glass.plane(c)[rows] for c in range(3)]
+    chroma = (np.maximum(np.maximum(rel[0], rel[1]), rel[2]) - np.minimum(np.minimum(rel[0], rel[1]), rel[2]))[ok]
+    glass.chroma_noise = float(np.percentile(chroma, 90)) if chroma.size else 0.0
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
 
 

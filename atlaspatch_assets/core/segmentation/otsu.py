@@ -33,7 +33,7 @@ import numpy as np
 
 from .artifacts import grow, hue_saturation, ink_mask, neutral_mask
 from .base import SegmentationParams
-from .glass import Glass, estimate_glass, log_planes
+from .glass import Glass, estimate_glass, local_std, log_planes
 from .modality import resolve_modality
 
 log = logging.getLogger("atlaspatch")
@@ -77,7 +77,7 @@ def brightfield_layers(thumb: np.ndarray, thumb_mpp: float, params: Segmentation
     cv2.min(chroma, od[2], dst=chroma)
     cv2.subtract(density, chroma, dst=chroma)  # max - min over channels
     glass_like = density < max(params.min_density, NOISE_FACTOR * glass.noise)
-    neutral = neutral_mask(density, chroma, params.neutral_ratio, glass.noise, glass_like)
+    neutral = neutral_mask(density, chroma, params.neutral_ratio, glass.noise, glass_like, glass.chroma_noise)
     del chroma
     if params.ink:
         hue, sat = hue_saturation(od)
@@ -114,11 +114,14 @@ def _brightfield(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams
     strong = seeds > high
     del seeds
     weak = score > low
+    # faint texture: a little density that stands out from its 3x3 neighbourhood (membranes, fibres),
+    # not an even veil (glass a little darker here, stitching stripes, mountant)
+    textured = (score > 0.5 * low) & (local_std(score, 3) > 0.25 * low)
     k = _odd(TEXTURE_UM / thumb_mpp)
     if k >= 3:
         # only faint pixels count (not dense tissue): so the thin band of partly covered pixels and
         # JPEG ringing along a tissue edge is not dense over a whole window, a fat lobule is
-        faint = ((score > 0.5 * low) & (score < FAINT_MAX)).view(np.uint8)
+        faint = (textured & (score < FAINT_MAX)).view(np.uint8)
         count = cv2.boxFilter(faint, cv2.CV_16U, (k, k), normalize=False)  # faint pixels per window
         dense = (count >= TEXTURE_DENSITY * k * k).view(np.uint8)
         del faint, count
@@ -128,7 +131,7 @@ def _brightfield(thumb: np.ndarray, thumb_mpp: float, params: SegmentationParams
     mask = grow(strong, weak)
     del strong, weak
     mask = _refine_edges(mask, score)
-    return _fill_textured_holes(mask, score > 0.5 * low)
+    return _fill_textured_holes(mask, textured)
 
 
 def _fill_textured_holes(mask: np.ndarray, faint: np.ndarray, rim: int = 3) -> np.ndarray:

@@ -363,8 +363,13 @@ def render(
     uneven: float = 0.0,
     noise: float = 2.0,
     tint_drift: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    stripes: float = 0.0,
 ) -> np.ndarray:
     """RGB uint8 = glass colour x illumination field x exp(-OD) + sensor noise, in row strips."""
+    column_gain = np.ones(c.width, np.float32)
+    if stripes:
+        column_gain = np.repeat(1.0 + rng.uniform(-stripes, stripes, c.width // 1000 + 1), 1000)[: c.width]
+        column_gain = column_gain.astype(np.float32)
     h, w = c.height, c.width
     coarse = rng.normal(0, 1, (12, 16)).astype(np.float32)
     mottle = cv2.resize(cv2.GaussianBlur(coarse, (0, 0), 1.5), (w, h), interpolation=cv2.INTER_CUBIC)
@@ -385,6 +390,8 @@ def render(
         rgb = g * field_[..., None] * np.exp(-od)
         if uneven:  # the light's colour drifts a little across the slide too
             rgb[..., 2] *= 1.0 - 0.04 * uneven * (xs[None] + 1)
+        if stripes:  # scanner stitching: each 1 mm column of fields a little brighter or darker
+            rgb *= column_gain[None, :, None]
         for ch, drift in enumerate(tint_drift):  # the glass's tint changes from left to right
             if drift:
                 rgb[..., ch] *= 1.0 + drift * (xs[None] + 1) / 2
@@ -411,6 +418,7 @@ def _case(
     noise: float = 2.0,
     pens: tuple[str, ...] = tuple(INKS),
     tint_drift: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    stripes: float = 0.0,
 ) -> Callable[[np.random.Generator], tuple[np.ndarray, ...]]:
     def paint(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c = Canvas(*SIZE)
@@ -423,7 +431,7 @@ def _case(
                 "bubbles": lambda: paint_bubbles(c, rng),
                 "label": lambda: paint_label(c, rng),
             }[a]()
-        rgb = render(c, rng, glass=glass, uneven=uneven, noise=noise, tint_drift=tint_drift)
+        rgb = render(c, rng, glass=glass, uneven=uneven, noise=noise, tint_drift=tint_drift, stripes=stripes)
         return rgb, c.truth, c.artifact & ~c.truth
 
     return paint
@@ -454,6 +462,12 @@ CASES = [
         "pale",
         "pale (50 %) H&E + IHC, the glass turning yellow to the right (blue -12 %, green -4 %)",
         _case(HE + IHC, pale=0.5, tint_drift=(0.0, -0.04, -0.12)),
+    ),
+    Case(
+        "stitching",
+        "pale",
+        "pale (40 %) IHC, 1 mm scan stripes ±4 % brighter or darker",
+        _case(IHC, pale=0.4, stripes=0.04),
     ),
     Case("dark_glass", "pale", "H&E + IHC on dark glass (old scanner, ~190)", _case(HE + IHC, glass=(188, 190, 194))),
     Case("he_pen", "artifacts", "H&E with blue, green, black and red marker", _case(HE, artifacts=("pen",))),

@@ -11,12 +11,13 @@ the imports (the baseline), and the table reports the peak above that baseline.
 Each slide is measured `--repeats` times (default 3, rounds interleaved across slides)
 and the table shows medians.
 
-Goals (largest slide): segmentation + coordinates <= 2 s, peak RSS <= 500 MB, and
-RSS above baseline nearly independent of the slide size.
+Goals (largest slide): segmentation + coordinates <= 2.5 s, peak RSS <= 500 MB (issue 10; the
+peak above baseline vs the slide size is shown for information).
 
 usage (from the repository root):
   python benchmarks/bench_segment_coords.py                 # build slides if needed, run, print table
   python benchmarks/bench_segment_coords.py --profile       # + one cProfile'd child per slide
+  python benchmarks/bench_segment_coords.py --baseline b86c6bc  # + the package of that commit, side by side
   python benchmarks/bench_segment_coords.py --one PATH      # child mode: one measurement, JSON line
 
 The slides go to bench_data/ (gitignored); building the 80000x60000 slide takes minutes
@@ -31,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,11 @@ DEFAULT_TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "make_
 DEFAULT_SIZES = "20000x15000,80000x60000"
 RESULT_PREFIX = "BENCH_RESULT "
 
-GOAL_SECONDS = 2.0  # segmentation + coordinates, largest slide
+GOAL_SECONDS = 2.5  # segmentation + coordinates, largest slide (issue 10)
 GOAL_PEAK_MB = 500.0  # peak RSS, largest slide
-# "RSS nearly independent of slide size": the peak above baseline of the largest slide may be at
-# most this factor of the smallest slide's, or exceed it by at most GOAL_RSS_SLACK_MB.
+# Informational since issue 10 (no longer a goal): how much the peak above baseline grows with the
+# slide. The mask's working memory is proportional to the thumbnail (fixed µm/px), so it grows
+# with the slide's area; the goal is the absolute peak above.
 GOAL_RSS_RATIO = 1.5
 GOAL_RSS_SLACK_MB = 64.0
 
@@ -183,6 +186,15 @@ def run_one(path: str, profile_out: str | None = None, tissue_thresh: float | No
 # -- parent: build, run children, report -----------------------------------------------------------
 
 
+def baseline_tree(commit: str, into: Path) -> Path:
+    """The package as it was at `commit` (git archive: read-only on the repository)."""
+    archive = subprocess.run(
+        ["git", "archive", commit, "atlaspatch_assets"], cwd=REPO_ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     out = []
     for part in text.split(","):
@@ -221,13 +233,18 @@ def ensure_slide(tool: Path, data_dir: Path, w: int, h: int) -> dict[str, Any]:
     return {"path": str(path), "built_now": True, "seconds": secs, "bytes": path.stat().st_size}
 
 
-def run_child(path: Path, profile_out: Path | None = None, tissue_thresh: float | None = None) -> dict[str, Any]:
+def run_child(
+    path: Path, profile_out: Path | None = None, tissue_thresh: float | None = None, src: Path | None = None
+) -> dict[str, Any]:
+    """One measurement in a fresh process, importing the package from `src` (default: this checkout)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", str(path)]
     if tissue_thresh is not None:
         cmd += ["--tissue-thresh", repr(tissue_thresh)]
     if profile_out:
         cmd += ["--profile-out", str(profile_out)]
-    p = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src or REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    p = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if p.returncode != 0 or not lines:
         tail = f"{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
@@ -287,27 +304,31 @@ def fmt_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)])
 
 
-def report(summaries: list[dict[str, Any]], repeats: int) -> tuple[str, bool]:
-    header = [
-        "slide",
-        "open s",
-        "seg s",
-        "coords s",
-        "write s",
-        "total s",
-        "seg+coords s",
-        "peak MB",
-        "base MB",
-        "peak-base MB",
-        "patches",
-        "mask shape",
-        "tissue %",
-    ]
+HEADER = [
+    "slide",
+    "open s",
+    "seg s",
+    "coords s",
+    "write s",
+    "total s",
+    "seg+coords s",
+    "peak MB",
+    "base MB",
+    "peak-base MB",
+    "patches",
+    "mask shape",
+    "tissue %",
+]
+
+
+def table_rows(summaries: list[dict[str, Any]], tag: str) -> list[list[str]]:
+    """One row per slide (+ a big/small ratio row), the slide column labelled with the version."""
+    label = f" {tag}" if tag else ""
     rows = []
     for s in summaries:
         rows.append(
             [
-                f"{s['width']}x{s['height']}",
+                f"{s['width']}x{s['height']}{label}",
                 f"{s['open_s']:.3f}",
                 f"{s['segmentation_s']:.3f}",
                 f"{s['coordinates_s']:.3f}",
@@ -330,7 +351,7 @@ def report(summaries: list[dict[str, Any]], repeats: int) -> tuple[str, bool]:
 
         rows.append(
             [
-                f"ratio big/small (px {_px(big) / _px(small):.0f}x)",
+                f"ratio big/small{label} (px {_px(big) / _px(small):.0f}x)",
                 ratio("open_s"),
                 ratio("segmentation_s"),
                 ratio("coordinates_s"),
@@ -345,27 +366,35 @@ def report(summaries: list[dict[str, Any]], repeats: int) -> tuple[str, bool]:
                 "",
             ]
         )
+    return rows
+
+
+def report(by_tag: dict[str, list[dict[str, Any]]], repeats: int) -> tuple[str, bool]:
+    """The table (every version, side by side), details, and the goals of the last version."""
+    rows = [row for tag, summaries in by_tag.items() for row in table_rows(summaries, tag)]
+    tag, summaries = list(by_tag.items())[-1]
+    small, big = min(summaries, key=_px), max(summaries, key=_px)
     out = [
         f"median of {repeats} fresh subprocesses per slide (MB = MiB; peak = ru_maxrss of the child; "
         "base = RSS after imports)",
-        fmt_table(rows, header),
+        fmt_table(rows, HEADER),
         "",
     ]
 
     out.append("details (medians): thumbnail level used, RSS high-water mark after each phase")
-    for s in summaries:
+    for t, s in ((t, s) for t, ss in by_tag.items() for s in ss):
         lv = s["thumb_level"]
         phases = ("open", "segmentation", "coordinates", "write")
         hw = " / ".join(f"{p} {s[f'maxrss_after_{p}'] / MB:.0f}" for p in phases)
         out.append(
-            f"  {s['width']}x{s['height']}: mpp {s['mpp']:.4f}, levels {s['level_dimensions']}, "
+            f"  {s['width']}x{s['height']}{' ' + t if t else ''}: mpp {s['mpp']:.4f}, levels {s['level_dimensions']}, "
             f"thumbnail from level {lv} {tuple(s['thumb_level_dims'])}; maxrss MB after {hw}; "
             f"imports {s['import_s']:.2f} s; seg+coords runs {[round(v, 3) for v in s['seg_coords_all']]} s; "
             f"peak runs {[round(v / MB) for v in s['peak_all']]} MB"
         )
-    prints = sorted({f for s in summaries for f in s["fingerprints"]})
+    prints = sorted({f for ss in by_tag.values() for s in ss for f in s["fingerprints"]})
     out.append(f"  library sources (sha256 of imported atlaspatch_assets modules): {', '.join(prints)}")
-    if len(prints) > 1:
+    if len(prints) > len(by_tag):
         out.append("  WARNING: the library sources changed between runs (concurrent edits): medians mix versions")
     for s in summaries:
         if s["num_patches"] == 0:
@@ -385,18 +414,18 @@ def report(summaries: list[dict[str, Any]], repeats: int) -> tuple[str, bool]:
     def mark(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
-    out.append(f"goals (largest slide {big['width']}x{big['height']}):")
+    out.append(f"goals ({tag or 'this checkout'}, largest slide {big['width']}x{big['height']}):")
     out.append(f"  [{mark(ok_time)}] segmentation + coordinates <= {GOAL_SECONDS:g} s: {big['seg_coords_s']:.3f} s")
     out.append(f"  [{mark(ok_peak)}] peak RSS <= {GOAL_PEAK_MB:g} MB: {big['peak_rss'] / MB:.0f} MB")
     if len(summaries) > 1:
         out.append(
-            f"  [{mark(ok_flat)}] RSS above baseline nearly independent of slide size "
+            f"  [{'info' if ok_flat else 'grows'}] RSS above baseline vs slide size "
             f"(big <= max({GOAL_RSS_RATIO:g} x small, small + {GOAL_RSS_SLACK_MB:g} MB)): "
             f"{d_big / MB:.0f} MB vs {d_small / MB:.0f} MB "
             f"({d_big / d_small if d_small else float('nan'):.2f}x "
             f"for {_px(big) / _px(small):.0f}x the pixels)"
         )
-    return "\n".join(out), ok_time and ok_peak and ok_flat
+    return "\n".join(out), ok_time and ok_peak
 
 
 def _px(s: dict[str, Any]) -> int:
@@ -428,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         help="override SegmentationParams.tissue_thresh (default: the pipeline's own default)",
     )
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    ap.add_argument(
+        "--baseline",
+        metavar="COMMIT",
+        help="also measure the package as it was at COMMIT (git archive into a temporary folder), rounds interleaved",
+    )
     a = ap.parse_args(argv)
 
     if a.one:
@@ -449,20 +483,26 @@ def main(argv: list[str] | None = None) -> int:
         secs = f"{b['seconds']:.1f} s" if b["seconds"] is not None else "build time not recorded"
         print(f"slide {w}x{h}: {b['path']} ({b['bytes'] / MB:.0f} MB), {when}, build {secs}", flush=True)
 
-    runs: dict[str, list[dict[str, Any]]] = {b["path"]: [] for b in builds}
-    for r in range(a.repeats):  # interleave rounds so drifting background load hits every slide alike
-        for b in builds:
-            res = run_child(Path(b["path"]), tissue_thresh=a.tissue_thresh)
-            runs[b["path"]].append(res)
-            name = Path(b["path"]).name
-            print(
-                f"  round {r + 1}/{a.repeats} {name}: seg+coords {res['seg_coords_s']:.3f} s, "
-                f"total {res['total_s']:.3f} s, peak {res['peak_rss'] / MB:.0f} MB",
-                flush=True,
-            )
+    with tempfile.TemporaryDirectory(prefix="bench_segcoords_base_") as tmp:
+        versions: dict[str, Path | None] = {}
+        if a.baseline:
+            versions[f"before ({a.baseline})"] = baseline_tree(a.baseline, Path(tmp))
+        versions["after" if a.baseline else ""] = None
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {t: {b["path"]: [] for b in builds} for t in versions}
+        for r in range(a.repeats):  # interleave rounds so drifting background load hits every slide alike
+            for b in builds:
+                for tag, src in versions.items():
+                    res = run_child(Path(b["path"]), tissue_thresh=a.tissue_thresh, src=src)
+                    runs[tag][b["path"]].append(res)
+                    name = Path(b["path"]).name
+                    print(
+                        f"  round {r + 1}/{a.repeats} {name} {tag}: seg+coords {res['seg_coords_s']:.3f} s, "
+                        f"total {res['total_s']:.3f} s, peak {res['peak_rss'] / MB:.0f} MB",
+                        flush=True,
+                    )
 
-    summaries = [summarize(runs[b["path"]]) for b in builds]
-    text, ok = report(summaries, a.repeats)
+    by_tag = {tag: [summarize(runs[tag][b["path"]]) for b in builds] for tag in versions}
+    text, ok = report(by_tag, a.repeats)
     print()
     print(f"load average after runs: {os.getloadavg()[0]:.2f}")
     print(text, flush=True)
@@ -480,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             print_profile(prof)
 
     if a.json:
-        blob = json.dumps({"runs": runs, "medians": summaries}, indent=1, default=str)
+        blob = json.dumps({"runs": runs, "medians": by_tag}, indent=1, default=str)
         Path(a.json).write_text(blob + "\n")
     return 1 if (a.strict and not ok) else 0
 

@@ -45,7 +45,7 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """CMU (47 patches, mobilenet_v2 features), a blank slide (0 patches), a slide without features."""
+    """CMU (49 patches, mobilenet_v2 features), a blank slide (0 patches), a slide without features."""
     root = tmp_path_factory.mktemp("exports")
     blank = write_aperio_tiff(root / "blank.svs", np.full((2048, 2048, 3), 255, np.uint8), downsamples=())
     nofeat = root / f"{NOFEAT}.svs"
@@ -58,8 +58,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     assert r.exit_code == 0, r.output
     b = Built(out, out / RUN)
     feats = b.read(GOOD, f"features/{ENC}")
-    assert feats.shape == (47, 1280) and b.read(BLANK, "coords").shape == (0, 2)
-    assert not b.store(NOFEAT).has(f"features/{ENC}") and len(b.read(NOFEAT, "coords")) == 47
+    assert feats.shape == (49, 1280) and b.read(BLANK, "coords").shape == (0, 2)
+    assert not b.store(NOFEAT).has(f"features/{ENC}") and len(b.read(NOFEAT, "coords")) == 49
     # slide_features/<encoder> and patient_features/ are not computed by the pipeline yet: write them per contract
     geo = {"patch_size": 224, "target_mpp": 0.5}
     b.store(GOOD).write(
@@ -91,7 +91,7 @@ def test_slide2vec_layout_reads_back(built: Built, tmp_path: Path) -> None:
     rep = export(built.output, "slide2vec", dest, ENC, slide_encoder="mean")
     st = rep.by_slide()
     assert rep.run_dir == built.run.resolve()
-    assert st[GOOD].status == "done" and st[GOOD].num_patches == 47 and st[GOOD].dim == 1280
+    assert st[GOOD].status == "done" and st[GOOD].num_patches == 49 and st[GOOD].dim == 1280
     blank = st[BLANK]  # 0 patches: its empty files, and skipped with the reason
     assert blank.status == "skipped" and "0 patches" in blank.error and "no tissue" in blank.error
     assert blank.num_patches == 0 and blank.dim == 1280 and len(blank.files) == 4
@@ -114,7 +114,7 @@ def test_slide2vec_layout_reads_back(built: Built, tmp_path: Path) -> None:
         assert z["x"].dtype == np.int64 and z["y"].dtype == np.int64
         assert z["tile_index"].dtype == np.int32 and z["tissue_fractions"].dtype == np.float32
         assert np.array_equal(z["x"], coords[:, 0]) and np.array_equal(z["y"], coords[:, 1])
-        assert np.array_equal(z["tile_index"], np.arange(47)) and np.array_equal(z["tissue_fractions"], frac)
+        assert np.array_equal(z["tile_index"], np.arange(49)) and np.array_equal(z["tissue_fractions"], frac)
 
     tmeta = json.loads((dest / "tile_embeddings" / f"{GOOD}.meta.json").read_text())
     documented = {
@@ -135,7 +135,7 @@ def test_slide2vec_layout_reads_back(built: Built, tmp_path: Path) -> None:
     assert documented <= set(tmeta)
     assert tmeta["sample_id"] == GOOD and tmeta["artifact_type"] == "tile_embeddings"
     assert tmeta["encoder_name"] == ENC and tmeta["encoder_level"] == "tile" and tmeta["format"] == "pt"
-    assert tmeta["feature_dim"] == 1280 and tmeta["num_tiles"] == 47 and tmeta["tile_size_lv0"] == 224
+    assert tmeta["feature_dim"] == 1280 and tmeta["num_tiles"] == 49 and tmeta["tile_size_lv0"] == 224
     assert tmeta["image_path"] == str(CMU)
     assert Path(tmeta["coordinates_npz_path"]) == dest / "tiles" / f"{GOOD}.coordinates.npz"
     prov = tmeta["provenance"]
@@ -151,11 +151,11 @@ def test_slide2vec_layout_reads_back(built: Built, tmp_path: Path) -> None:
     assert cmeta["slide"]["level_downsamples"] == [1.0]
     tiling = cmeta["tiling"]
     assert tiling["requested_tile_size_px"] == 224 and tiling["requested_spacing_um"] == pytest.approx(0.5)
-    assert tiling["effective_tile_size_px"] == 224 and tiling["tile_size_lv0"] == 224 and tiling["n_tiles"] == 47
+    assert tiling["effective_tile_size_px"] == 224 and tiling["tile_size_lv0"] == 224 and tiling["n_tiles"] == 49
     assert cmeta["segmentation"]["tissue_method"] == "otsu" and cmeta["segmentation"]["parameters"]["mask_mpp"] == 8.0
     assert cmeta["filtering"]["min_tissue_fraction"] == 0.5
     assert cmeta["artifact"]["coordinate_space"] == "level_0" and cmeta["artifact"]["tile_order"] == "row_major"
-    assert cmeta["artifact"]["arrays"]["x"] == {"dtype": "int64", "shape": [47]}
+    assert cmeta["artifact"]["arrays"]["x"] == {"dtype": "int64", "shape": [49]}
 
     s = torch.load(dest / "slide_embeddings" / f"{GOOD}.pt", map_location="cpu", weights_only=True)
     assert s.dtype == torch.float32 and tuple(s.shape) == (1280,)
@@ -256,7 +256,7 @@ def test_stale_and_mismatched_inputs_fail_per_slide(built: Built, tmp_path: Path
     SlideStore(other).write({"slide_features/mean": DatasetWrite(feats.mean(0), {"patch_encoder": "uni_v1"})})
     rep = export(out, "trident", tmp_path / "t", ENC, slide_encoder="mean", slides=[GOOD, "other"])
     st = rep.by_slide()
-    assert st[GOOD].status == "failed" and "46" in st[GOOD].error and "stale" in st[GOOD].error
+    assert st[GOOD].status == "failed" and "48" in st[GOOD].error and "stale" in st[GOOD].error
     assert st["other"].status == "failed" and "features/uni_v1" in st["other"].error
     assert not _all_files(tmp_path / "t")
 

@@ -97,7 +97,8 @@ def test_one_read_pass_feeds_every_encoder(tmp_path: Path, cmu_dir: Path) -> Non
     coords = load_patch_coords(layout, "CMU-1-Small-Region")
     encoders = {n: Encoder.load(n) for n in ("mobilenet_v2", "efficientnet_lite0")}
     with open_slide(CMU) as slide:
-        results = extract_features(slide, "CMU-1-Small-Region", coords, encoders, batch_size=8)
+        # the CLI's batch size (32): a last batch of one patch (49 = 6 x 8 + 1) gives other floats
+        results = extract_features(slide, "CMU-1-Small-Region", coords, encoders, batch_size=32)
     reader = results["mobilenet_v2"].extra["reader"]
     assert reader["patches"] == coords.num_patches  # each patch assembled once for both encoders
     assert results["efficientnet_lite0"].extra["reader"] is reader

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -36,4 +37,9 @@ def segment_tissue(thumb: np.ndarray, thumb_mpp: float, params: SegmentationPara
     if fn is None:
         raise SegmentationError(f"unknown segmentation method {params.method!r}; choose {sorted(SEGMENTERS)}")
     raw = fn(thumb, thumb_mpp, params)
-    return TissueMask.from_raw(raw.astype(bool), thumb_mpp, params)
+    tm = TissueMask.from_raw(raw.astype(bool), thumb_mpp, params)
+    if not tm.polygons:
+        logging.getLogger("atlaspatch").warning(
+            "tissue mask: no tissue found on the %dx%d thumbnail (%s)", thumb.shape[1], thumb.shape[0], params.method
+        )
+    return tm

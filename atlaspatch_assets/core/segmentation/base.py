@@ -22,7 +22,7 @@ class SegmentationParams:
 
     method: str = param(
         "otsu",
-        "Tissue segmentation: otsu (classical, no weights) or sam2 (local checkpoint)",
+        "Tissue segmentation: otsu (classical, any stain, ink/debris rules, no weights) or sam2 (local checkpoint)",
         choices=("otsu", "sam2"),
         cli="seg-method",
     )
@@ -32,10 +32,19 @@ class SegmentationParams:
     tissue_thresh: float = param(0.01, "Minimum tissue region area, fraction of the thumbnail (0-1)", ge=0, le=1)
     min_hole_area_um2: float = param(20_000.0, "Holes smaller than this (µm²) are filled", ge=0, cli="")
     mask_mpp: float = param(8.0, "Thumbnail resolution the mask is computed on (µm/px)", gt=0, cli="")
-    median_blur_um: float = param(56.0, "otsu: median filter size (µm)", ge=0, cli="")
+    median_blur_um: float = param(56.0, "fluorescence: signal density window (µm)", ge=0, cli="")
     close_um: float = param(32.0, "otsu: morphological closing kernel (µm)", ge=0, cli="")
-    sat_floor: int = param(12, "otsu: saturation below this is never tissue (glass)", ge=0, le=255, cli="")
-    sat_ceiling: int = param(30, "otsu: saturation above this is always tissue", ge=0, le=255, cli="")
+    min_density: float = param(
+        0.03, "otsu: least optical density above the glass that can be tissue (natural log)", ge=0, le=3, cli=""
+    )
+    neutral_ratio: float = param(
+        0.2,
+        "otsu: colourless matter (chroma/density below this: edges, dust, black ink) is not tissue; 0 keeps it",
+        ge=0,
+        le=1,
+        cli="",
+    )
+    ink: bool = param(True, "otsu: marker ink (blue, green, red hue rules) is not tissue", cli="")
     modality: str = param(
         "auto",
         "Stain modality for otsu: fluorescence = dark background (auto-detected)",
@@ -53,7 +62,7 @@ class SegmentationParams:
             for k in ("sam2_checkpoint", "sam2_config", "sam2_thumbnail"):
                 d.pop(k)
         else:
-            for k in ("median_blur_um", "close_um", "sat_floor", "sat_ceiling", "modality"):
+            for k in ("median_blur_um", "close_um", "min_density", "neutral_ratio", "ink", "modality"):
                 d.pop(k)
         return d
 
@@ -87,7 +96,8 @@ class TissueMask:
 
 
 def mask_to_polygons(mask: np.ndarray, min_area_px: float, min_hole_px: float) -> list[Polygon]:
-    """Outer contours with their holes (OpenCV CCOMP hierarchy), filtered by area in pixels."""
+    """Outer contours with their holes (OpenCV CCOMP hierarchy); a region is kept when its area
+    without its holes is at least `min_area_px`; holes smaller than `min_hole_px` are filled."""
     m = mask.astype(np.uint8)
     if not m.any():
         return []
@@ -106,14 +116,20 @@ def mask_to_polygons(mask: np.ndarray, min_area_px: float, min_hole_px: float) -
         j = hier[i][2]
         while j != -1:
             hc = contours[j]
-            if cv2.contourArea(hc) >= min_hole_px and len(hc) >= 3:
+            hole_area = cv2.contourArea(hc)
+            if hole_area >= min_hole_px and len(hc) >= 3:
                 holes.append(hc[:, 0, :].astype(float))
+                area -= hole_area
             j = hier[j][0]
+        # the area that counts is what remains without the kept holes: a thin ring (bubble rim,
+        # a circle drawn around tissue) encloses a large area but covers little
+        if area < max(min_area_px, 1.0):
+            continue
         poly = Polygon(c[:, 0, :].astype(float), holes)
         if not poly.is_valid:
             poly = poly.buffer(0)
-        if isinstance(poly, MultiPolygon):
-            polys.extend(g for g in poly.geoms if g.area > 0)
+        if isinstance(poly, MultiPolygon):  # a contour touching itself: keep the parts, not slivers
+            polys.extend(g for g in poly.geoms if g.area >= max(4.0, 0.01 * poly.area))
         elif not poly.is_empty:
             polys.append(poly)
     return polys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 MODALITIES = ("auto", "brightfield", "fluorescence")
@@ -16,8 +17,25 @@ def detect_modality(thumb: np.ndarray) -> str:
     """
     if thumb.size == 0:
         return "brightfield"
-    brightest = thumb.max(axis=2) if thumb.ndim == 3 else thumb
-    return "fluorescence" if float(np.median(brightest)) < DARK_BACKGROUND else "brightfield"
+    return "fluorescence" if _median_brightest(thumb) < DARK_BACKGROUND else "brightfield"
+
+
+def _median_brightest(thumb: np.ndarray) -> float:
+    """np.median of the per-pixel max channel, from a histogram when uint8 (fast on big thumbnails)."""
+    if thumb.ndim == 3:
+        planes = cv2.split(np.ascontiguousarray(thumb))
+        brightest = planes[0]
+        for p in planes[1:]:
+            brightest = cv2.max(brightest, p)
+    else:
+        brightest = thumb
+    if brightest.dtype != np.uint8:
+        return float(np.median(brightest))
+    counts = np.cumsum(cv2.calcHist([brightest], [0], None, [256], [0, 256]).ravel().astype(np.int64))
+    n = int(counts[-1])
+    lo = int(np.searchsorted(counts, (n - 1) // 2 + 1))  # the two middle order statistics
+    hi = int(np.searchsorted(counts, n // 2 + 1))
+    return (lo + hi) / 2.0
 
 
 def resolve_modality(thumb: np.ndarray, requested: str) -> str:

@@ -91,14 +91,20 @@ def run_one(path: str, profile_out: str | None = None, tissue_thresh: float | No
     import tempfile
 
     import openslide  # noqa: F401  -- the backend open_slide loads lazily; keep it out of "open"
-    from atlaspatch_assets.core.pipeline import (
-        CoordsParams,
-        RunLayout,
-        compute_patch_coords,
-        compute_tissue_mask,
-        save_patch_coords,
-        save_tissue_mask,
-    )
+
+    try:  # this checkout
+        from atlaspatch_assets.core.stages.coords import CoordsParams, compute_patch_coords, save_patch_coords
+        from atlaspatch_assets.core.stages.mask import compute_tissue_mask, save_tissue_mask
+        from atlaspatch_assets.core.store import RunLayout
+    except ImportError:  # --baseline: a package from before the stages moved
+        from atlaspatch_assets.core.pipeline import (
+            CoordsParams,
+            RunLayout,
+            compute_patch_coords,
+            compute_tissue_mask,
+            save_patch_coords,
+            save_tissue_mask,
+        )
 
     from atlaspatch_assets.core.segmentation import SegmentationParams
     from atlaspatch_assets.core.slide import open_slide

@@ -564,7 +564,10 @@ def load_truth(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray | None
 def evaluate(
     data_dir: Path, names: list[str], method: str, sam2_checkpoint: str | None, overlays: Path | None, tag: str
 ) -> list[dict[str, Any]]:
-    from atlaspatch_assets.core.pipeline import compute_tissue_mask
+    try:
+        from atlaspatch_assets.core.stages.mask import compute_tissue_mask
+    except ImportError:  # --baseline: a package from before the stages moved
+        from atlaspatch_assets.core.pipeline import compute_tissue_mask
     from atlaspatch_assets.core.segmentation import SegmentationParams
     from atlaspatch_assets.core.slide import open_slide
 

@@ -13,7 +13,6 @@ from conftest import APERIO_DESC, CMU, NDPI, write_aperio_tiff
 from atlaspatch_assets.core.demo import demo_canvas, demo_truth_mask
 from atlaspatch_assets.core.errors import UsageError
 from atlaspatch_assets.core.params import check_params
-from atlaspatch_assets.core.pipeline import CoordsParams, RunLayout, compute_patch_coords, compute_tissue_mask
 from atlaspatch_assets.core.quality import (
     QualityParams,
     artifact_mask,
@@ -23,6 +22,9 @@ from atlaspatch_assets.core.quality import (
 )
 from atlaspatch_assets.core.segmentation import SegmentationParams
 from atlaspatch_assets.core.slide import open_slide
+from atlaspatch_assets.core.stages.coords import CoordsParams, compute_patch_coords
+from atlaspatch_assets.core.stages.mask import compute_tissue_mask
+from atlaspatch_assets.core.store import RunLayout
 from atlaspatch_assets.core.tiling import lattice
 
 SIZE0 = 512  # 256 px at 20x on these 0.5 µm/px slides

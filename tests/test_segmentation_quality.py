@@ -13,10 +13,10 @@ import pytest
 from conftest import CMU, JPEG, KIDNEY
 
 from atlaspatch_assets.core.demo import DEMO_MPP, build_demo_slide, demo_canvas, demo_truth_mask
-from atlaspatch_assets.core.pipeline import compute_tissue_mask
 from atlaspatch_assets.core.segmentation import SegmentationParams, segment_tissue
 from atlaspatch_assets.core.segmentation.scoring import called_tissue, dice, to_grid
 from atlaspatch_assets.core.slide import open_slide
+from atlaspatch_assets.core.stages.mask import compute_tissue_mask
 
 WORK_MPP = 2.0  # the painted variants are made at 2 µm/px, then read at the mask's 8 µm/px
 MASK_MPP = 8.0

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from conftest import CMU, NDPI, SMALL16
 
-from atlaspatch_assets.core.pipeline import CoordsParams, RunLayout, compute_patch_coords, compute_tissue_mask
 from atlaspatch_assets.core.segmentation import SegmentationParams
 from atlaspatch_assets.core.slide import open_slide
+from atlaspatch_assets.core.stages.coords import CoordsParams, compute_patch_coords
+from atlaspatch_assets.core.stages.mask import compute_tissue_mask
+from atlaspatch_assets.core.store import RunLayout
 from atlaspatch_assets.core.visualization import (
     DEFAULT_MAX_SIDE,
     contour_overlay,

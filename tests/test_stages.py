@@ -126,3 +126,26 @@ def test_transient_failure_at_save_time_is_retryable_and_leaves_nothing_behind(
     with SlideHandle(SlideRef("cmu", str(slide))) as h:
         assert tissue_mask(h, MaskParams(), env).status == DONE
         assert patch_coords(h, CoordsParams(), env).status == DONE
+
+
+def test_patch_quality_flags_are_stored_recorded_and_removed_with_their_recipe(tmp_path: Path) -> None:
+    """--patch-quality stores ink_fraction/focus beside tissue_fraction (same rows); the recipe
+    changes only when it is on; coordinates made without it drop the old flags."""
+    env = _env(tmp_path)
+    ref = SlideRef("cmu", str(CMU))
+    plain = run_slide(ref, PLAN, env)[1]
+    flagged = run_slide(ref, StagePlan(mask=MaskParams(), coords=CoordsParams(patch_quality=True)), env)[1]
+    assert flagged.status == DONE and flagged.recipe_hash != plain.recipe_hash
+    store = env.layout.store("cmu")
+    ink, _ = store.read("ink_fraction")
+    focus, fattrs = store.read("focus")
+    n = store.num_patches()
+    assert ink.shape == focus.shape == (n,) == store.tissue_fraction().shape
+    assert 0 <= ink.min() and ink.max() <= 1 and focus.min() > 0 and "Laplacian" in fattrs["definition"]
+    assert flagged.rows == plain.rows  # flags only: nothing dropped
+    strict = CoordsParams(remove_artifacts=True, min_focus=float(sorted(focus)[n // 2]))  # drop the blurrier half
+    dropped = run_slide(ref, StagePlan(mask=MaskParams(), coords=strict), env)[1]
+    assert dropped.rows < n and store.attrs()["quality_removed_focus"] == n - dropped.rows
+    assert store.read("focus")[0].min() >= strict.min_focus
+    again = run_slide(ref, PLAN, env)[1]
+    assert again.recipe_hash == plain.recipe_hash and not store.has("focus") and not store.has("ink_fraction")

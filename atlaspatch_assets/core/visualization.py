@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .slide import Slide
 
 DEFAULT_MAX_SIDE = 2000
+PREVIEW_SIDE = 1024  # the Dagster metadata preview: the same picture, smaller (it lives in the event log)
 DARK_BACKGROUND = 60  # median brightest channel below this: a dark (fluorescence) picture
 
 # (line, halo) colours, RGB, for light and dark backgrounds
@@ -174,6 +175,16 @@ def read_overlay_base(slide: Slide, max_side: int = DEFAULT_MAX_SIDE) -> Overlay
     if (tw, th) != (lw, lh):
         region = cv2.resize(region, (tw, th), interpolation=cv2.INTER_AREA)
     return OverlayBase(region, (info.width / tw, info.height / th))
+
+
+def overlay_base(
+    slide: Slide | None, thumbnail: np.ndarray | None, downsample: tuple[float, float], max_side: int
+) -> OverlayBase | None:
+    """The mask's thumbnail when it is large enough (or as fine as the slide), else the slide read
+    at `max_side` (cheap then: the slide is small). None when there is nothing to draw on."""
+    if thumbnail is not None and (max(thumbnail.shape[:2]) >= max_side or max(downsample) <= 1.0 or slide is None):
+        return OverlayBase(thumbnail, downsample)
+    return read_overlay_base(slide, max_side) if slide is not None else None
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,22 +16,37 @@ from ..errors import GeometryError
 from ..geometry import PatchGeometry, compute_geometry
 from ..params import param, recipe_hash, ref
 from ..patches import read_patches
+from ..quality import PatchQuality, QualityParams, artifact_mask, patch_quality
+from ..segmentation import SegmentationParams
 from ..slide import SlideInfo
 from ..source import SlideHandle
-from ..store import COORDS, COORDS_EXT, TISSUE_FRACTION, DatasetWrite, RunLayout, write_dir_atomic, write_file_atomic
+from ..store import (
+    COORDS,
+    COORDS_EXT,
+    FOCUS,
+    INK_FRACTION,
+    TISSUE_FRACTION,
+    DatasetWrite,
+    RunLayout,
+    write_dir_atomic,
+    write_file_atomic,
+)
 from ..tiling import DEFAULT_MIN_TISSUE_FRACTION, is_background, tile
-from ..visualization import grid_overlay, png_bytes
+from ..visualization import DEFAULT_MAX_SIDE, PREVIEW_SIDE, jpeg_bytes, overlay_base, png_bytes
 from .base import DONE, SKIPPED, Outcome, StageEnv, guard, upstream_missing
 from .mask import MaskResult, load_tissue_mask, slide_file_attrs
 
 ASSET = "patch_coords"
 RECIPE_VERSION = 1
+INK_DEFINITION = "share of the patch's mask-grid footprint under marker ink or debris (segmentation rules)"
+FOCUS_DEFINITION = "var(Laplacian) / (var(grey) + 25) of the patch's grey level at focus_mpp; low = blurred"
 DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
-class CoordsParams:
-    """Parameters of the patch_coords stage (the geometry itself is the run folder's)."""
+class CoordsParams(QualityParams):
+    """Parameters of the patch_coords stage (the geometry itself is the run folder's; the patch
+    quality flags — ink share, focus, optional removal — are QualityParams)."""
 
     SECTION: ClassVar[str] = "patch_coords"
 
@@ -59,7 +74,7 @@ class CoordsParams:
         d: dict[str, Any] = {"min_tissue_fraction": self.min_tissue_fraction, "fast_mode": self.fast_mode}
         if not self.fast_mode:
             d.update(white_thresh=self.white_thresh, black_thresh=self.black_thresh)
-        return d
+        return {**d, **QualityParams.recipe(self)}  # empty when off: earlier recipes keep their hash
 
 
 @dataclass
@@ -77,6 +92,8 @@ class CoordsResult:
     warnings: list[str] = field(default_factory=list)
     images: dict[str, bytes] | None = None  # in-memory PNG patches when save_images
     info: SlideInfo | None = None
+    quality: PatchQuality | None = None  # ink share and focus per kept patch (patch quality on)
+    quality_parameters: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_patches(self) -> int:
@@ -144,6 +161,15 @@ def compute_patch_coords(
                 images[f"{slide_id}_x{x}_y{y}.png"] = png_bytes(patch)
         dropped = int((~keep).sum())
         coords, frac = coords[keep], frac[keep]
+    quality = None
+    if params.enabled and len(coords):
+        quality = _quality(slide, coords, g, mask, params)
+        coords, frac = coords[quality.keep], frac[quality.keep]
+        quality = replace(quality, ink_fraction=quality.ink_fraction[quality.keep], focus=quality.focus[quality.keep])
+        if quality.removed_ink or quality.removed_focus:
+            warnings.append(
+                f"dropped {quality.removed_ink} patches for ink/debris, {quality.removed_focus} out of focus"
+            )
     if len(coords) == 0:
         if mask.tissue_fraction == 0:
             warnings.append("no tissue detected: 0 patches")
@@ -169,7 +195,20 @@ def compute_patch_coords(
         warnings=warnings,
         images=images,
         info=slide.info,
+        quality=quality,
+        quality_parameters=QualityParams.recipe(params),
     )
+
+
+def _quality(slide: Any, coords: np.ndarray, g: PatchGeometry, mask: MaskResult, params: CoordsParams) -> PatchQuality:
+    """Ink share (the segmenter's ink/debris rules on the mask's thumbnail) and focus of each patch."""
+    thumb = mask.thumbnail
+    if thumb is None:  # a stored mask: its picture, at the mask's resolution
+        thumb, _, _ = slide.read_thumbnail(mask.thumb_mpp)
+    seg = {f.name for f in fields(SegmentationParams)}
+    seg_params = SegmentationParams(**{k: v for k, v in mask.params.items() if k in seg})
+    art = artifact_mask(thumb, mask.thumb_mpp, seg_params)
+    return patch_quality(slide, coords, g.patch_size_level0, art, *mask.downsample, params)
 
 
 def save_patch_coords(
@@ -209,6 +248,22 @@ def save_patch_coords(
         ),
         TISSUE_FRACTION: DatasetWrite(result.tissue_fraction, chunk_rows=rows),
     }
+    q = result.quality
+    if q is not None:
+        qp = result.quality_parameters
+        datasets[INK_FRACTION] = DatasetWrite(
+            q.ink_fraction, {"parameters": qp, "definition": INK_DEFINITION}, chunk_rows=rows
+        )
+        datasets[FOCUS] = DatasetWrite(
+            q.focus,
+            {
+                "parameters": qp,
+                "focus_mpp": qp.get("focus_mpp"),
+                "read_level": q.focus_level,
+                "definition": FOCUS_DEFINITION,
+            },
+            chunk_rows=rows,
+        )
     file_attrs = {
         **slide_file_attrs(info, result.slide_id),
         "patch_size": g.patch_size,
@@ -223,15 +278,20 @@ def save_patch_coords(
         "recipe_hash": result.recipe_hash,
         "mask_recipe_hash": result.mask_recipe_hash,
     }
+    if q is not None:
+        file_attrs.update(quality_removed_ink=q.removed_ink, quality_removed_focus=q.removed_focus)
     store = layout.store(result.slide_id)
-    store.write(datasets, file_attrs)
+    # flags of an earlier recipe would no longer match these rows: they go with the old coordinates
+    store.write(datasets, file_attrs, delete=() if q is not None else (INK_FRACTION, FOCUS))
     written = [str(store.path)]
     if result.images is not None:
         write_dir_atomic(layout.images_dir(result.slide_id), result.images)
         written.append(str(layout.images_dir(result.slide_id)))
-    if visualize_grids and mask is not None and mask.thumbnail is not None:
-        picture = grid_overlay(mask.thumbnail, result.coords, g.patch_size_level0, *mask.downsample)
-        write_file_atomic(layout.visualization(result.slide_id), png_bytes(picture))
+    base = mask.base() if mask is not None else None
+    if visualize_grids and base is not None:
+        write_file_atomic(
+            layout.visualization(result.slide_id), png_bytes(base.grid(result.coords, g.patch_size_level0))
+        )
         written.append(str(layout.visualization(result.slide_id)))
     return written
 
@@ -265,11 +325,19 @@ def load_patch_coords(layout: RunLayout, slide_id: str) -> CoordsResult:
 
 def _metadata(result: CoordsResult, store_path: str, reused: bool, mask: MaskResult | None) -> dict[str, Any]:
     g = result.geometry
-    preview = None
-    if mask is not None and mask.thumbnail is not None:
-        picture = grid_overlay(mask.thumbnail, result.coords, g.patch_size_level0, *mask.downsample, max_side=512)
-        preview = png_bytes(picture)
+    base = mask.base() if mask is not None else None
+    preview = jpeg_bytes(base.grid(result.coords, g.patch_size_level0, PREVIEW_SIDE)) if base is not None else None
+    q = result.quality
+    extra = {}
+    if q is not None and result.num_patches:
+        extra = {
+            "mean_ink_fraction": round(float(q.ink_fraction.mean()), 4),
+            "median_focus": round(float(np.median(q.focus)), 3),
+            "removed_for_ink": q.removed_ink,
+            "removed_out_of_focus": q.removed_focus,
+        }
     return {
+        **extra,
         "num_patches": result.num_patches,
         "mean_tissue_fraction": round(float(result.tissue_fraction.mean()), 4) if result.num_patches else 0.0,
         "slide_mpp [µm/px]": g.slide_mpp,
@@ -305,8 +373,8 @@ def patch_coords(slide: SlideHandle, params: CoordsParams, env: StageEnv, mask: 
             env.logger.info(f"{sid}: coordinates up to date (recipe {want}), reused")
             status, written = SKIPPED, [str(store.path)]
         else:
-            if params.visualize_grids and m.thumbnail is None:
-                m.thumbnail, _, _ = s.read_thumbnail(m.thumb_mpp)
+            if params.visualize_grids and m.overlay is None:
+                m.overlay = overlay_base(s, m.thumbnail, m.downsample, DEFAULT_MAX_SIDE)
             result = compute_patch_coords(s, sid, env.layout, m, params)
             written = save_patch_coords(
                 env.layout, result, write_batch=params.write_batch, mask=m, visualize_grids=params.visualize_grids

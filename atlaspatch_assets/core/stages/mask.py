@@ -23,7 +23,7 @@ from ..segmentation.modality import resolve_modality
 from ..slide import SlideInfo
 from ..source import SlideHandle
 from ..store import MASK, THUMBNAIL, DatasetWrite, RunLayout, write_file_atomic
-from ..visualization import contour_overlay, mask_overlay, png_bytes
+from ..visualization import DEFAULT_MAX_SIDE, PREVIEW_SIDE, OverlayBase, jpeg_bytes, overlay_base, png_bytes
 from .base import DONE, SKIPPED, Outcome, StageEnv, guard
 
 ASSET = "tissue_mask"
@@ -38,6 +38,9 @@ class MaskParams(SegmentationParams):
 
     visualize_mask: bool = param(False, "Mask overlay in visualization/<slide>_mask.png", recipe=False)
     visualize_contours: bool = param(False, "Contour overlay in visualization/<slide>_contours.png", recipe=False)
+    overlay_side: int = param(
+        DEFAULT_MAX_SIDE, "Long side of the QC pictures (px; never upscaled past the level read)", recipe=False, ge=64
+    )
     seg_batch_size: int = param(
         1, "Thumbnails per SAM2 forward (seed option; slides are segmented one at a time)", recipe=False, ge=1
     )
@@ -55,6 +58,7 @@ class MaskResult:
     recipe_hash: str
     seconds: float = 0.0
     thumbnail: np.ndarray | None = None  # RGB, in memory (previews)
+    overlay: OverlayBase | None = None  # the picture QC overlays are drawn on (in memory)
     info: SlideInfo | None = None
     modality: str = ""  # brightfield / fluorescence as segmented ("" for masks stored before)
 
@@ -62,10 +66,15 @@ class MaskResult:
     def tissue_fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
-    def overlay_png(self, max_side: int = 512) -> bytes | None:
-        if self.thumbnail is None:
-            return None
-        return png_bytes(mask_overlay(self.thumbnail, self.mask, max_side))
+    def base(self) -> OverlayBase | None:
+        if self.overlay is None and self.thumbnail is not None:
+            self.overlay = OverlayBase(self.thumbnail, self.downsample)
+        return self.overlay
+
+    def preview(self) -> bytes | None:
+        """The contour picture (outlines and holes over the slide), at preview size, JPEG."""
+        base = self.base()
+        return None if base is None else jpeg_bytes(base.contours(self.polygons, self.downsample, PREVIEW_SIDE))
 
 
 def mask_recipe(params: SegmentationParams) -> dict[str, Any]:
@@ -139,10 +148,11 @@ def save_tissue_mask(
     gj = geojson.tissue_geojson(result.polygons, result.downsample[0], result.downsample[1], result.slide_id)
     write_file_atomic(layout.geojson_path(result.slide_id), geojson.dumps(gj))
     written.append(str(layout.geojson_path(result.slide_id)))
-    if result.thumbnail is not None:
+    base = result.base()
+    if base is not None:
         pictures = {
-            "mask": visualize_mask and (lambda: mask_overlay(result.thumbnail, result.mask)),
-            "contours": visualize_contours and (lambda: contour_overlay(result.thumbnail, result.polygons)),
+            "mask": visualize_mask and (lambda: base.mask(result.mask)),
+            "contours": visualize_contours and (lambda: base.contours(result.polygons, result.downsample)),
         }
         for kind, draw in pictures.items():
             if draw:
@@ -191,7 +201,7 @@ def _metadata(result: MaskResult, store: Any, reused: bool, geojson_path: Any) -
         "reused": reused,
         "store": str(store.path),
         "geojson": str(geojson_path),
-        "preview": result.overlay_png(),
+        "preview": result.preview(),
     }
 
 
@@ -231,6 +241,7 @@ def tissue_mask(slide: SlideHandle, params: MaskParams, env: StageEnv, device: s
             status, written = SKIPPED, [str(store.path)]
         else:
             result = compute_tissue_mask(slide.open(), sid, params)
+            result.overlay = overlay_base(slide.open(), result.thumbnail, result.downsample, params.overlay_side)
             written = save_tissue_mask(
                 env.layout, result, visualize_mask=params.visualize_mask, visualize_contours=params.visualize_contours
             )

@@ -27,6 +27,8 @@ from ..params import param
 COORDS = "coords"  # int32 (N, 2) level-0 (x, y)
 COORDS_EXT = "coords_ext"  # int32 (N, 5) (x, y, w, h, level)
 TISSUE_FRACTION = "tissue_fraction"  # float32 (N,)
+INK_FRACTION = "ink_fraction"  # float32 (N,) share of a patch under ink/debris (with patch quality on)
+FOCUS = "focus"  # float32 (N,) focus score of a patch (with patch quality on)
 MASK = "tissue/mask"  # uint8 mask at thumbnail resolution
 THUMBNAIL = "tissue/thumbnail_jpeg"  # the segmented thumbnail, JPEG bytes (previews, overlays)
 FEATURES = "features"  # features/<encoder> (N, D)

@@ -149,3 +149,17 @@ def test_patch_quality_flags_are_stored_recorded_and_removed_with_their_recipe(t
     assert store.read("focus")[0].min() >= strict.min_focus
     again = run_slide(ref, PLAN, env)[1]
     assert again.recipe_hash == plain.recipe_hash and not store.has("focus") and not store.has("ink_fraction")
+
+
+def test_a_deterministic_save_error_fails_its_slide_once_and_the_batch_goes_on(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    env.layout.patches_dir.mkdir(parents=True)
+    (env.layout.patches_dir / "blocked.h5").mkdir()  # the store's name is taken by a folder
+    slides = [SlideRef("blocked", str(CMU)), SlideRef("cmu", str(CMU))]
+    from atlaspatch_assets.core.stages import run_slides
+
+    out = run_slides(slides, PLAN, env)
+    mask = out["blocked"][0]
+    assert mask.status == FAILED and not mask.transient and "IsADirectoryError" in mask.reason
+    assert [o.status for o in out["cmu"]] == [DONE, DONE]
+    assert [e["status"] for e in _events(tmp_path) if e["slide_id"] == "blocked"] == ["failed"]  # tried once

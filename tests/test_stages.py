@@ -141,7 +141,7 @@ def test_patch_quality_flags_are_stored_recorded_and_removed_with_their_recipe(t
     focus, fattrs = store.read("focus")
     n = store.num_patches()
     assert ink.shape == focus.shape == (n,) == store.tissue_fraction().shape
-    assert 0 <= ink.min() and ink.max() <= 1 and focus.min() > 0 and "Laplacian" in fattrs["definition"]
+    assert ink.min() >= 0 and ink.max() <= 1 and focus.min() > 0 and "Laplacian" in fattrs["definition"]
     assert flagged.rows == plain.rows  # flags only: nothing dropped
     strict = CoordsParams(remove_artifacts=True, min_focus=float(sorted(focus)[n // 2]))  # drop the blurrier half
     dropped = run_slide(ref, StagePlan(mask=MaskParams(), coords=strict), env)[1]

@@ -6,6 +6,7 @@ a run folder (ARCHITECTURE.md, "Storage").
       masks/<slide_id>.geojson   visualization/   images/<slide_id>/
       patient_features/<name>/<case_id>.h5   patient_features/patients.json
       exports/
+      patch_stores/<format>/                             RunLayout.patch_store_dir(format) (training patches)
     <output>/catalog/                                    provenance (core.catalog)
 """
 
@@ -138,3 +139,7 @@ class RunLayout:
     @property
     def exports_dir(self) -> Path:
         return self.root / "exports"
+
+    def patch_store_dir(self, kind: str) -> Path:
+        """Default destination of a training patch store (`atlaspatch export-patches --format kind`)."""
+        return self.root / "patch_stores" / kind

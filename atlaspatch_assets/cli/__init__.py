@@ -33,6 +33,7 @@ def demo(output: str) -> None:
 def _register() -> None:
     from .export import export_command
     from .info import info
+    from .patches import export_patches_command
     from .slides import detect_tissue, encode_patient, encode_slide, process, segment_and_get_coords
     from .status import compact_command, status_command
 
@@ -41,6 +42,7 @@ def _register() -> None:
     main.add_command(status_command)
     main.add_command(compact_command)
     main.add_command(export_command)
+    main.add_command(export_patches_command)
 
 
 _register()

@@ -17,7 +17,7 @@ _EXPORTS = {
     "PatchExport": "patch_export",
     "PatchExportReport": "patch_export",
     "export_patches": "patch_export",
-    "PatchStoreDataset": "patch_stores",
+    "PatchStoreDataset": "patch_dataset",
     "PatchStoreError": "patch_stores",
     "STORE_KINDS": "patch_stores",
     "open_patch_store": "patch_stores",

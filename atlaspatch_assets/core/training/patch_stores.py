@@ -1,5 +1,6 @@
 """Training patch stores: PNG folders, HDF5 files and an LMDB database, one writer and one reader per
-kind behind one small interface, and `PatchStoreDataset`, the `torch.utils.data.Dataset` over any of them.
+kind behind one small interface (`patch_dataset.PatchStoreDataset` is the torch Dataset over any of them;
+this module does not import torch, so the CLI and the Dagster assets load fast).
 
 On disk (DEST = `--dest`, default `<run>/patch_stores/<kind>/`):
 
@@ -43,11 +44,6 @@ from ..errors import UsageError
 from ..geometry import PatchGeometry
 from ..store.files import fsync_file, remove_orphan_temps, temp_name, write_dir_atomic, write_file_atomic
 from ..visualization import png_bytes
-
-try:  # the writers work without torch (extra `features`); the Dataset is a torch Dataset when it is there
-    from torch.utils.data import Dataset as _Dataset
-except ImportError:  # pragma: no cover
-    _Dataset = object  # type: ignore[assignment,misc]
 
 log = logging.getLogger("atlaspatch.training")
 
@@ -695,65 +691,3 @@ def open_patch_store(root: str | Path, kind: str | None = None, **options: Any) 
     if kind not in STORES:
         raise PatchStoreError(f"unknown patch store kind {kind!r}; choose one of {', '.join(STORES)}")
     return STORES[kind](root, **options)
-
-
-# -- the Dataset ----------------------------------------------------------------------------------------
-
-
-class PatchStoreDataset(_Dataset):
-    """`torch.utils.data.Dataset` over a patch store (any kind): item = dict(image, slide_id, x, y, level,
-    size, mpp, tissue_fraction, index[, label]).
-
-    `image` is RGB uint8 (H, W, 3) (numpy; the default collate stacks it into a tensor), or `transform(image)`.
-    The slide list is read once here; files and databases are opened lazily in each process (DataLoader
-    workers, fork or spawn) and never pickled open. Slides written after the dataset was made are not seen.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        transform: Callable[[np.ndarray], Any] | None = None,
-        slide_ids: Sequence[str] | None = None,
-        **options: Any,
-    ):
-        self.store = open_patch_store(root, **options)
-        entries = self.store.entries()
-        if slide_ids is not None:
-            unknown = sorted(set(slide_ids) - {e.slide_id for e in entries})
-            if unknown:
-                raise PatchStoreError(f"{root}: no complete slide {', '.join(unknown)} in this patch store")
-            entries = [e for e in entries if e.slide_id in set(slide_ids)]
-        self.entries = entries
-        self.transform = transform
-        self._len = sum(e.n for e in entries)
-        self._reader: PatchReader | None = None
-        self._pid = -1
-
-    @property
-    def slide_ids(self) -> list[str]:
-        return [e.slide_id for e in self.entries]
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_reader"], state["_pid"] = None, -1  # each process opens its own files
-        return state
-
-    def _get_reader(self) -> PatchReader:
-        if self._reader is None or self._pid != os.getpid():
-            self._reader = self.store.reader(self.entries)  # a forked copy's handles are left alone
-            self._pid = os.getpid()
-        return self._reader
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if i < 0:
-            i += len(self)
-        rgb, meta = self._get_reader().get(int(i))
-        return {"image": self.transform(rgb) if self.transform else rgb, **meta}
-
-    def close(self) -> None:
-        if self._reader is not None and self._pid == os.getpid():
-            self._reader.close()
-        self._reader = None

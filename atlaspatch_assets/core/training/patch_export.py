@@ -35,6 +35,7 @@ from ..stages.coords import load_patch_coords
 from ..store import RunLayout
 from .labels import Labels, read_labels
 from .patch_stores import STORE_KINDS, PatchStore, SlidePatches, open_patch_store
+from .slides import SlideFiles
 
 EXPORT_VERSION = 1  # bump when the stored patches change for the same inputs
 SAMPLINGS = ("balanced", "random")
@@ -151,7 +152,7 @@ class PatchExport:
             self.labels = read_labels(params.labels)
             self.labels.check_known(self.universe, "slide")
         self.sizes = sample_sizes({s: n for s, n in self.universe.items() if n is not None}, params)
-        self._paths: dict[str, str] | None = None
+        self.files = SlideFiles(layout, self.env.catalog)
         self.exported_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.store.prepare()  # PatchStoreError: unwritable destination, before any slide
 
@@ -192,24 +193,6 @@ class PatchExport:
         """Export one slide (guarded: any error is this slide's one-line failure, recorded after the write)."""
         return guard(self.asset, sid, self.env, lambda: self._slide(sid))
 
-    def _wsi_path(self, sid: str, stored: str) -> str:
-        if stored and os.path.isfile(stored):
-            return stored
-        if self._paths is None:
-            try:
-                cat = self.env.catalog
-                self._paths = cat.slide_paths() if cat is not None and cat.exists() else {}
-            except Exception:  # an unreadable catalog only loses the fallback
-                self._paths = {}
-        moved = self._paths.get(sid, "")
-        if moved and os.path.isfile(moved):
-            return moved
-        raise PatchExportError(
-            f"slide file not found: {stored or '(no wsi_path stored)'}; put it back or register its new path "
-            "with `atlaspatch segment-and-get-coords`",
-            slide=sid,
-        )
-
     def _slide(self, sid: str) -> Outcome:
         t0 = time.perf_counter()
         store = self.layout.store(sid)
@@ -229,7 +212,7 @@ class PatchExport:
             self.store.remove_slide(sid)
             return self._skipped(sid, "0 patches (no tissue passed the filters): nothing to export", coords.recipe_hash)
         rows = sample_rows(n, self.sizes.get(sid, n), self.params.seed, sid)
-        wsi = self._wsi_path(sid, str(store.attrs().get("wsi_path") or ""))
+        wsi = self.files.path(sid, str(store.attrs().get("wsi_path") or ""))
         fp = self._fingerprint(coords.recipe_hash, coords.geometry.as_dict(), rows, label_raw, wsi)
         sp = SlidePatches(
             slide_id=sid,

@@ -234,7 +234,12 @@ class PatchExport:
                 self.store.note(sp)  # the index lists it even if a crash came between rename and index update
             self.env.logger.info(f"{sid}: {self.kind} patch store up to date (fingerprint {fp}), skipped")
         else:
-            written = self.store.write_slide(sp)
+            try:
+                written = self.store.write_slide(sp)
+            except OSError as e:  # full or read-only disk, quota…: one line (the errno stays in the chain)
+                why = os.strerror(e.errno) if e.errno else str(e)
+                where = f"the {self.kind} patch store at {self.dest}"
+                raise PatchExportError(f"cannot write {where}: {why}", slide=sid) from e
         return Outcome(
             self.asset,
             sid,

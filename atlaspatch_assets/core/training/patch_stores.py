@@ -23,6 +23,7 @@ HDF5) lists the complete slides; the files stay the truth (`PatchStore.rebuild_i
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -432,28 +433,24 @@ class H5Store(IndexedStore):
         tmp = temp_name(path)
         comp = self.options.get("compression")
         comp = None if comp in (None, "", "none") else comp
-        ps, n = sp.geometry.patch_size, sp.n
+        n = sp.n
         try:
-            with h5py.File(tmp, "w") as f:
-                d = f.create_dataset(
-                    "patches",
-                    (n, ps, ps, 3),
-                    np.uint8,
-                    chunks=(1, ps, ps, 3) if n else None,  # one patch per chunk: a random read decodes one
-                    compression=comp if n else None,
-                )
-                d.attrs["axes"] = "NHWC"
-                for pos, batch in sp.batches():
-                    d[int(pos[0]) : int(pos[-1]) + 1] = batch
-                f.create_dataset("coords", data=sp.coords.astype(np.int32).reshape(-1, 2))
-                f.create_dataset("slide_id", data=[sp.slide_id] * n, dtype=h5py.string_dtype())
-                f.create_dataset("tissue_fraction", data=sp.tissue_fraction.astype(np.float32))
-                f.create_dataset("index", data=sp.index.astype(np.int64))
-                if sp.label is not None:
-                    f.create_dataset("label", data=np.full(n, sp.label))
-                for k, v in sp.slide_meta().items():
-                    f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
-                f.attrs["kind"] = self.kind
+            f = h5py.File(tmp, "w")
+            error: BaseException | None = None
+            try:
+                _reserve(tmp, _h5_bound(sp))  # a full disk fails here, before HDF5 writes a byte of data
+                self._fill(f, sp, comp)
+            except BaseException as e:
+                # Drop the frames holding the failing file's datasets now, while the file is open: freed
+                # after a failed close (disk full), HDF5 objects can crash the process.
+                error = e.with_traceback(None)
+            try:
+                f.close()
+            except Exception as e:
+                error = error or e.with_traceback(None)
+            if error is not None:
+                raise error
+            h5py.File(tmp, "r+").close()  # reopened, HDF5 truncates the file to its data (drops the reserve)
             fsync_file(tmp)
             os.replace(tmp, path)
         finally:
@@ -461,8 +458,53 @@ class H5Store(IndexedStore):
         self._update_index({sp.slide_id: SlideEntry(sp.slide_id, n, sp.fingerprint)})
         return [str(path)]
 
+    def _fill(self, f: Any, sp: SlidePatches, comp: str | None) -> None:
+        import h5py
+
+        ps, n = sp.geometry.patch_size, sp.n
+        d = f.create_dataset(
+            "patches",
+            (n, ps, ps, 3),
+            np.uint8,
+            chunks=(1, ps, ps, 3) if n else None,  # one patch per chunk: a random read decodes one
+            compression=comp if n else None,
+        )
+        d.attrs["axes"] = "NHWC"
+        for pos, batch in sp.batches():
+            d[int(pos[0]) : int(pos[-1]) + 1] = batch
+        f.create_dataset("coords", data=sp.coords.astype(np.int32).reshape(-1, 2))
+        f.create_dataset("slide_id", data=[sp.slide_id] * n, dtype=h5py.string_dtype())
+        f.create_dataset("tissue_fraction", data=sp.tissue_fraction.astype(np.float32))
+        f.create_dataset("index", data=sp.index.astype(np.int64))
+        if sp.label is not None:
+            f.create_dataset("label", data=np.full(n, sp.label))
+        for k, v in sp.slide_meta().items():
+            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
+        f.attrs["kind"] = self.kind
+
     def reader(self, entries: Sequence[SlideEntry]) -> PatchReader:
         return H5Reader(self.root, entries, int(self.options.get("max_open_files") or 64))
+
+
+def _h5_bound(sp: SlidePatches) -> int:
+    """Bytes a slide's HDF5 file can take at most: the raw patches (compression may add ~0.1 %), per-patch
+    metadata and chunk index, and slack for the file's own structures."""
+    ps = sp.geometry.patch_size
+    return int(sp.n * ps * ps * 3 * 1.01) + sp.n * 1024 + (1 << 20)
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Allocate `nbytes` of disk for `path` now (ENOSPC / EFBIG here, not inside HDF5's writes: HDF5
+    handles a write failure badly, up to crashing the process when its objects are freed)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        log.debug(f"{path}: no space reservation ({e}); a full disk surfaces in HDF5's writes")
+    finally:
+        os.close(fd)
 
 
 class H5Reader(PatchReader):

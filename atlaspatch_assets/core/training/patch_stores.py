@@ -603,6 +603,14 @@ class LmdbStore(PatchStore):
         raise lmdb.MapFullError(f"{self.root}: map still full after {MAX_MAP_DOUBLINGS} doublings")
 
     def write_slide(self, sp: SlidePatches) -> list[str]:
+        import lmdb
+
+        try:
+            return self._write_slide(sp)
+        except lmdb.Error as e:  # disk full, I/O error…: an OSError like the other kinds' (one-line failure)
+            raise OSError(f"LMDB {e}") from e
+
+    def _write_slide(self, sp: SlidePatches) -> list[str]:
         enc = self.fingerprint_options()
         env = self._open()
         try:

@@ -279,6 +279,11 @@ class SlideTileDataset(Dataset):
         self._blocks.clear()
         self._bad.clear()
 
+    @property
+    def open_slide_ids(self) -> list[str]:
+        """Slides open in this process, least recently used first (at most `max_open_slides`)."""
+        return [self.plans[i].slide.slide_id for i in self._readers]
+
     def close(self) -> None:
         if self._pid == os.getpid():
             for r in self._readers.values():

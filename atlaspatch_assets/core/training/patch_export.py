@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from filelock import FileLock
 
 from ..catalog import Catalog
 from ..errors import SlideError, UsageError
@@ -227,19 +228,8 @@ class PatchExport:
             label_raw=label_raw,
             extra={"coords_recipe_hash": coords.recipe_hash, "exported_at": self.exported_at, "source_patches": n},
         )
-        status = DONE
-        if not self.params.force and self.store.exported_fingerprint(sid) == fp:
-            status, written = SKIPPED, [str(self.dest)]
-            if hasattr(self.store, "note"):
-                self.store.note(sp)  # the index lists it even if a crash came between rename and index update
-            self.env.logger.info(f"{sid}: {self.kind} patch store up to date (fingerprint {fp}), skipped")
-        else:
-            try:
-                written = self.store.write_slide(sp)
-            except OSError as e:  # full or read-only disk, quota…: one line (the errno stays in the chain)
-                why = os.strerror(e.errno) if e.errno else str(e)
-                where = f"the {self.kind} patch store at {self.dest}"
-                raise PatchExportError(f"cannot write {where}: {why}", slide=sid) from e
+        with FileLock(str(self.dest / f".{sid}.lock"), timeout=600):  # two exporters of one slide: one at a time
+            status, written = self._write(sp)
         return Outcome(
             self.asset,
             sid,
@@ -261,6 +251,24 @@ class PatchExport:
             rows=sp.n,
             parameters={"kind": self.kind, "dest": str(self.dest), **self._recipe()},
         )
+
+    def _write(self, sp: SlidePatches) -> tuple[str, list[str]]:
+        """Skip (fingerprint unchanged) or write the slide; (status, paths written)."""
+        sid, fp = sp.slide_id, sp.fingerprint
+        status = DONE
+        if not self.params.force and self.store.exported_fingerprint(sid) == fp:
+            status, written = SKIPPED, [str(self.dest)]
+            if hasattr(self.store, "note"):
+                self.store.note(sp)  # the index lists it even if a crash came between rename and index update
+            self.env.logger.info(f"{sid}: {self.kind} patch store up to date (fingerprint {fp}), skipped")
+        else:
+            try:
+                written = self.store.write_slide(sp)
+            except OSError as e:  # full or read-only disk, quota…: one line (the errno stays in the chain)
+                why = os.strerror(e.errno) if e.errno else str(e)
+                where = f"the {self.kind} patch store at {self.dest}"
+                raise PatchExportError(f"cannot write {where}: {why}", slide=sid) from e
+        return status, written
 
     def _skipped(self, sid: str, why: str, coords_hash: str) -> Outcome:
         self.env.logger.warning(f"{sid}: {why}")

@@ -24,6 +24,8 @@ _EXPORTS = {
     "TileSlide": "tiles",
     "SlideTileDataset": "tiles",
     "tile_slides_from_run": "tiles",
+    "seed_worker": "tiles",
+    "TileStats": "tiles",
     "FeatureBagDataset": "bags",
     "collate_bags": "bags",
 }

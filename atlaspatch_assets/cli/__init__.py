@@ -40,6 +40,7 @@ def _register() -> None:
     from .convert import convert_command
     from .export import export_command
     from .info import info
+    from .patches import export_patches_command
     from .slides import detect_tissue, encode_patient, encode_slide, process, segment_and_get_coords
     from .status import compact_command, status_command
 
@@ -49,6 +50,7 @@ def _register() -> None:
     main.add_command(compact_command)
     main.add_command(export_command)
     main.add_command(convert_command)
+    main.add_command(export_patches_command)
 
 
 _register()

@@ -12,6 +12,7 @@ from dagster import AssetKey, Definitions, ExecutorDefinition, in_process_execut
 from ..core.params import split_names
 from . import jobs
 from .assets.catalog import catalog
+from .assets.patch_stores import patch_store_assets
 from .io_managers import SlideStoreIOManager
 from .resources import ComputeResource, ModelsResource, ReporterResource, SlideSourceResource, StoreResource
 from .sensors import build_new_slides_sensor, inbox_asset
@@ -123,6 +124,7 @@ def build_definitions(
             )
     slide_assets = build_slide_assets(names, targets, registry, cannot_run)
     assets: list[Any] = [slide_assets, catalog, inbox_asset]
+    assets += patch_store_assets
     job_defs: list[Any] = [jobs.slide_job(jobs.SEGMENT_AND_COORDS)]
     feature_keys = [encoder_key(n) for n in names]
     if names:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
@@ -46,15 +46,15 @@ def remove_orphan_temps(path: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def remove_orphans_in(folder: Path) -> int:
-    """Delete every orphaned temporary directly inside `folder`; returns how many."""
+def remove_orphans_in(folder: Path, dirs: bool = True) -> int:
+    """Delete every orphaned temporary directly inside `folder` (files only unless `dirs`); returns how many."""
     n = 0
     try:
         entries = list(folder.iterdir())
     except OSError:
         return 0
     for p in entries:
-        if p.name.startswith(".") and TMP_MARK in p.name and is_orphan(p):
+        if p.name.startswith(".") and TMP_MARK in p.name and (dirs or not p.is_dir()) and is_orphan(p):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             n += 1
     return n
@@ -80,14 +80,17 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_dir_atomic(target: Path, files: Mapping[str, bytes]) -> None:
-    """Fill a hidden sibling folder, then swap it in: never a half-filled folder at `target`."""
+def write_dir_atomic(target: Path, files: Mapping[str, bytes] | Iterable[tuple[str, bytes]]) -> None:
+    """Fill a hidden sibling folder, then swap it in: never a half-filled folder at `target`.
+
+    `files` may be a lazy iterable of (name, bytes), so large folders stream through one file at a time.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_orphan_temps(target)
     tmp = temp_name(target)
     tmp.mkdir()
     try:
-        for name, data in files.items():
+        for name, data in files.items() if isinstance(files, Mapping) else files:
             (tmp / name).write_bytes(data)
         if target.exists():
             old = temp_name(target)

@@ -7,6 +7,7 @@ a run folder (ARCHITECTURE.md, "Storage").
       masks/<slide_id>.geojson   visualization/   images/<slide_id>/
       patient_features/<name>/<case_id>.h5   patient_features/patients.json
       exports/
+      patch_stores/<format>/                             RunLayout.patch_store_dir(format) (training patches)
     <output>/catalog/                                    provenance (core.catalog)
     <output>/tables/                                     lakehouse tables (core.tables)
 """
@@ -226,7 +227,14 @@ class RunLayout:
         """Remove temporaries left in this run folder by killed writers (their pid is gone)."""
         from .files import remove_orphans_in
 
-        folders = [self.patches_dir, self.root / "masks", self.root / "visualization", self.root / "images"]
+        folders = [self.root / "masks", self.root / "visualization", self.root / "images"]
         if self.patients_dir.is_dir():
             folders += [self.patients_dir, *(p for p in self.patients_dir.iterdir() if p.is_dir())]
-        return sum(remove_orphans_in(f) for f in folders if f.is_dir())
+        # in the stores folder only files: a Zarr store's staging folder may hold a journal its
+        # next writer replays (core.store.zarr), so the store itself cleans those up
+        n = remove_orphans_in(self.patches_dir, dirs=False) if self.patches_dir.is_dir() else 0
+        return n + sum(remove_orphans_in(f) for f in folders if f.is_dir())
+
+    def patch_store_dir(self, kind: str) -> Path:
+        """Default destination of a training patch store (`atlaspatch export-patches --format kind`)."""
+        return self.root / "patch_stores" / kind

@@ -307,5 +307,5 @@ def test_patch_export_checks_before_writing(run: Run, tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="unknown slide id nope"):
         PatchExport(run.layout, PatchStoreParams(dest=str(tmp_path / "u"))).run(["nope"])
-    with pytest.raises(UsageError, match=r"patch_store.sample}} must be > 0"):
+    with pytest.raises(UsageError, match=r"patch_store\.sample must be > 0"):
         PatchExport(run.layout, PatchStoreParams(dest=str(tmp_path / "u"), sample=0))

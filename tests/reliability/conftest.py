@@ -51,3 +51,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     ARTIFACT.write_text(text)
     terminalreporter.write_sep("-", "reliability counts")
     terminalreporter.write(text)
+
+
+@pytest.fixture(scope="session")
+def mid_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 16000x12000 40x slide of real tissue islands (~240 patches of 224 px at 20x): big enough to
+    be in the middle of feature extraction when a test signals the process."""
+    import subprocess
+    import sys
+
+    from .corpus import MAKE_TEST_SLIDE
+
+    path = tmp_path_factory.mktemp("mid") / "mid.svs"
+    subprocess.run(
+        [sys.executable, str(MAKE_TEST_SLIDE), str(path), "--width", "16000", "--height", "12000"]
+        + ["--mag", "40", "--tissue", "0.5"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return path

@@ -76,3 +76,70 @@ def dagster_records(home: Path, run_id: str) -> list[Any]:
 
     with DagsterInstance.from_config(str(home)) as instance:
         return list(instance.get_records_for_run(run_id, limit=100_000).records)
+
+
+class Child:
+    """A child process whose output (stdout + stderr merged) is collected by a thread, so the test
+    can wait for a line (e.g. the patches bar) and then signal it."""
+
+    def __init__(self, cmd: list[str], child_env: dict[str, str]):
+        import threading
+
+        self.proc = subprocess.Popen(
+            cmd, env=child_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0
+        )
+        self.text = ""
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        import codecs
+
+        assert self.proc.stdout is not None
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            with self._lock:
+                self.text += decoder.decode(chunk, final=not chunk)
+            if not chunk:
+                return
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> Any:
+        """The first match of `pattern` in the plain output (see `plain`)."""
+        import re
+        import time
+
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            m = rx.search(self.plain)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                self._thread.join(5)
+                m = rx.search(self.plain)
+                if m:
+                    return m
+                raise AssertionError(f"exited {self.proc.returncode} before {pattern!r}:\n{self.text[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} within {timeout}s:\n{self.text[-3000:]}")
+
+    def finish(self, timeout: float = 120) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self._thread.join(10)
+        return rc
+
+    @property
+    def plain(self) -> str:
+        """The output without terminal control sequences; carriage returns count as line ends."""
+        import re
+
+        with self._lock:
+            text = self.text
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "\n")

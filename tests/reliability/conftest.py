@@ -71,3 +71,11 @@ def mid_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1024x768 aperio-like slide of real H&E pixels (20x, ~10 patches of 224 px): cheap to process."""
+    from .corpus import small_tissue_slide
+
+    return small_tissue_slide(tmp_path_factory.mktemp("small") / "small.svs")

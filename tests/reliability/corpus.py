@@ -66,6 +66,13 @@ def _tissue_rgb(h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(np.tile(src, reps)[:h, :w])
 
 
+def small_tissue_slide(path: Path) -> Path:
+    """A 1024x768 aperio-like slide of real H&E pixels at 20x (MPP 0.5): ~10 patches of 224 px."""
+    w, h = 1024, 768
+    _aperio_tiff(path, _tissue_rgb(h, w), _aperio(w, h, "AppMag = 20|MPP = 0.5"))
+    return path
+
+
 def _garble(src: Path, dst: Path, seed: int) -> None:
     """Random bytes over 5 % of the file, in the middle (where the tile data is)."""
     data = bytearray(src.read_bytes())

@@ -131,11 +131,12 @@ def _summary_statuses(stderr: str, ids: dict[str, str]) -> dict[str, str]:
 
 
 def test_bad_inputs_through_the_cli(bad_corpus: Any, report: Any) -> None:
+    """`atlaspatch process` over the whole corpus folder (-v: the ignored folder is named). Its runs
+    use an ephemeral instance: the event log of the same stages is checked by the Dagster test."""
     work, folder, entries = bad_corpus
-    out, home = work / "cli-out", work / "cli-home"
-    home.mkdir()
+    out = work / "cli-out"
     args = ["process", str(folder), "--patch-size", "224", "--target-mag", "20", "--feature-extractors", ENCODER]
-    proc = util.run(util.unprivileged(util.cli_cmd(*args, "-o", str(out))), util.env(home, COLUMNS="100"))
+    proc = util.run(util.unprivileged(util.cli_cmd(*args, "-o", str(out), "-v")), util.env(COLUMNS="100"))
     assert proc.returncode == 1, proc.stderr[-3000:]  # some slides failed; no crash, no usage error
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     ids = util.slide_paths(out)
@@ -151,31 +152,12 @@ def test_bad_inputs_through_the_cli(bad_corpus: Any, report: Any) -> None:
     n_failed = sum(1 for s in statuses.values() if s == FAILED)
     assert f"{n_failed} failed" in proc.stderr
     assert len(failed_lines) == n_failed  # each failure once
-    # the CLI's runs are in the $DAGSTER_HOME instance: each failed slide's run has the reason
-    for sid, status in statuses.items():
-        if status != FAILED:
-            continue
-        reason = next(ev["error"] for ev in util.events(out) if ev["slide_id"] == sid and ev["status"] == FAILED)
-        if not _run_log_has(home, sid, reason):
-            problems.append(f"{sid}: reason not in the Dagster event log of its CLI run")
+    assert f"ignored {folder / 'folder.svs'}: folder not searched" in proc.stderr  # -v says why
     assert util.temporaries(out) == []
     report.table("bad inputs through the CLI", ("input", "kind", "outcome", "clean"), rows)
     clean = sum(1 for r in rows if r[-1] == "ok")
     report.add("bad inputs (CLI)", "inputs tried / handled cleanly", f"{len(rows)} / {clean}")
     assert not problems, "\n".join(problems)
-
-
-def _run_log_has(home: Path, sid: str, reason: str) -> bool:
-    """Some run of partition `sid` logged the reason (the stage guard's `FAILED <reason>`)."""
-    from dagster import DagsterInstance, RunsFilter
-
-    core = reason.split("] ", 1)[-1][:60]
-    with DagsterInstance.from_config(str(home)) as instance:
-        for r in instance.get_runs(RunsFilter(tags={"dagster/partition": sid})):
-            for rec in instance.get_records_for_run(r.run_id, limit=100_000).records:
-                if core in (rec.event_log_entry.user_message or ""):
-                    return True
-    return False
 
 
 def _partition_status(home: Path, asset: str, keys: list[str]) -> tuple[set[str], set[str]]:

@@ -28,8 +28,9 @@ ENCODER = "mobilenet_v2"
 SID = "cmu"
 MIN_MID_WRITE_KILLS = 10  # per stage: >= 20 kill points inside store writes in all
 MAX_ROUNDS = 30
-# (stage, step at 20x): coords on a dense lattice (~30k rows: a long write), features on 47 patches
-STAGES = (("coords", 8), ("features", 224))
+# (stage, patch, step at 20x, longest wait after the temporary appeared): coords on a dense lattice
+# (~30k rows: a long write), features on ~10 patches of 448 px (a short encoder pass)
+STAGES = (("coords", 224, 8, 0.04), ("features", 448, 448, 0.1))
 
 
 def _ctx() -> Any:
@@ -60,18 +61,20 @@ def _temps(folder: Path) -> list[Path]:
         return []
 
 
-def _start(ctx: Any, out: Path, step: int, stage: str) -> Any:
+def _start(ctx: Any, out: Path, patch: int, step: int, stage: str) -> Any:
     p = ctx.Process(
-        target=workers.run_stages, args=(str(out), str(corpus.CMU), SID, 224, step, stage, ENCODER), daemon=True
+        target=workers.run_stages, args=(str(out), str(corpus.CMU), SID, patch, step, stage, ENCODER), daemon=True
     )
     p.start()
     return p
 
 
-def _kill_rounds(ctx: Any, out: Path, step: int, stage: str, rng: random.Random) -> dict[str, Any]:
-    layout = RunLayout.create(out, 224, step, target_mag=20)
+def _kill_rounds(
+    ctx: Any, out: Path, stage: str, patch: int, step: int, wait: float, rng: random.Random
+) -> dict[str, Any]:
+    layout = RunLayout.create(out, patch, step, target_mag=20)
     store = layout.store(SID)
-    base = _start(ctx, out, step, stage)  # baseline: one uninterrupted run of every stage
+    base = _start(ctx, out, patch, step, stage)  # baseline: one uninterrupted run of every stage
     base.join(300)
     assert base.exitcode == 0
     before = _digest(store.path)
@@ -81,7 +84,7 @@ def _kill_rounds(ctx: Any, out: Path, step: int, stage: str, rng: random.Random)
     for _ in range(MAX_ROUNDS):
         if mid_write >= MIN_MID_WRITE_KILLS:
             break
-        p = _start(ctx, out, step, stage)
+        p = _start(ctx, out, patch, step, stage)
         seen = None
         while p.is_alive():
             t = _temps(store.path.parent)
@@ -92,7 +95,7 @@ def _kill_rounds(ctx: Any, out: Path, step: int, stage: str, rng: random.Random)
         if seen is None:  # finished before its write could be caught: not a kill point
             p.join(60)
             continue
-        time.sleep(rng.uniform(0, 0.1))  # somewhere in the write, the rename or the catalog event
+        time.sleep(rng.uniform(0, wait))  # somewhere in the write, the rename or the catalog event
         p.kill()
         p.join(60)
         if p.exitcode != -9:
@@ -114,7 +117,7 @@ def _kill_rounds(ctx: Any, out: Path, step: int, stage: str, rng: random.Random)
         # the temporaries of earlier kills were removed by this round's writer
         assert not [t for t in left_by_kills if t not in left and t.exists()]
     # a re-run completes, leaves no temporary anywhere, and the catalog reads whole
-    final = _start(ctx, out, step, stage)
+    final = _start(ctx, out, patch, step, stage)
     final.join(300)
     assert final.exitcode == 0
     survivors = [t for t in left_by_kills if t.exists()] + util.temporaries(out)
@@ -137,7 +140,7 @@ def test_kill_9_while_writing_coords_and_features(tmp_path: Path, report: Any) -
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     ctx = _ctx()
     out = tmp_path / "out"
-    results = [_kill_rounds(ctx, out, step, stage, rng) for stage, step in STAGES]
+    results = [_kill_rounds(ctx, out, *stage, rng) for stage in STAGES]
     rows = [(r["stage"], r["kills"], r["mid_write"], r["corrupt"], len(r["survivors"]), "completed") for r in results]
     report.table(
         "kill -9 during writes",
@@ -156,7 +159,7 @@ def test_kill_9_while_writing_coords_and_features(tmp_path: Path, report: Any) -
 _KILLED_CATALOG_WRITER = r"""
 import sys
 from atlaspatch_assets.core.catalog import EVENTS, Catalog
-rows = [{"slide_id": f"s{i}", "asset": "big", "status": "done", "error": "x" * 200} for i in range(400_000)]
+rows = [{"slide_id": f"s{i}", "asset": "big", "status": "done", "error": "x" * 2000} for i in range(60_000)]
 print("ready", flush=True)
 Catalog(sys.argv[1]).append(EVENTS, rows)
 print("finished", flush=True)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from . import corpus, util
+from . import util
 
 PKG = util.REPO / "atlaspatch_assets"
 SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -42,24 +42,18 @@ HOSTILE = [
 ]
 
 
-def _small_tissue_slide(path: Path) -> None:
-    w, h = 1024, 768
-    corpus._aperio_tiff(path, corpus._tissue_rgb(h, w), corpus._aperio(w, h, "AppMag = 20|MPP = 0.5"))
-
-
 def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
 def test_hostile_names_stay_inside_the_output_and_make_safe_keys(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, report: Any
+    tmp_path: Path, small_slide: Path, monkeypatch: pytest.MonkeyPatch, report: Any
 ) -> None:
     from dagster import DagsterInstance
 
     from atlaspatch_assets.cli import main
 
-    src = tmp_path / "src.svs"
-    _small_tissue_slide(src)
+    src = small_slide
     inp = tmp_path / "in"
     (inp / "sub").mkdir(parents=True)
     (inp / "other").mkdir()
@@ -118,7 +112,7 @@ torch.save({"state_dict": {"w": Evil()}}, sys.argv[1])
 """
 
 
-def test_pickled_code_in_a_checkpoint_never_runs(tmp_path: Path, report: Any) -> None:
+def test_pickled_code_in_a_checkpoint_never_runs(tmp_path: Path, small_slide: Path, report: Any) -> None:
     """A checkpoint whose unpickling would run code (here: create a folder) is refused by every
     loader that reads user files: patch encoder weights, SAM2 and MOOZY checkpoints."""
     import subprocess
@@ -151,7 +145,7 @@ def test_pickled_code_in_a_checkpoint_never_runs(tmp_path: Path, report: Any) ->
     # end to end: the CLI with the evil file as mobilenet_v2's weights fails that slide, runs nothing
     inp = tmp_path / "in"
     inp.mkdir()
-    _small_tissue_slide(inp / "s.svs")
+    shutil.copyfile(small_slide, inp / "s.svs")
     proc = util.run(
         util.cli_cmd(
             "process", str(inp), "--patch-size", "224", "--target-mag", "20", "--feature-extractors", "mobilenet_v2"

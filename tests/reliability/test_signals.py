@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import pytest
 
-from . import corpus, util
+from . import util
 
 ENCODER = "mobilenet_v2"
 RUN = "20x_224px_0px_overlap"
@@ -39,12 +39,14 @@ def _mid_features(child: util.Child, pattern: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_cli_stops_cleanly_on_a_signal(tmp_path: Path, mid_slide: Path, signum: int, report: Any) -> None:
+def test_cli_stops_cleanly_on_a_signal(
+    tmp_path: Path, mid_slide: Path, small_slide: Path, signum: int, report: Any
+) -> None:
     inp = tmp_path / "in"
     inp.mkdir()
-    shutil.copyfile(corpus.CMU, inp / "a-first.svs")  # done before the signal
+    shutil.copyfile(small_slide, inp / "a-first.svs")  # done before the signal
     shutil.copyfile(mid_slide, inp / "b-mid.svs")  # interrupted mid-features
-    shutil.copyfile(corpus.CMU, inp / "c-last.svs")  # never started
+    shutil.copyfile(small_slide, inp / "c-last.svs")  # never started
     out = tmp_path / "out"
     e = util.env(tmp_path / "home", FORCE_COLOR="1", COLUMNS="160")
     (tmp_path / "home").mkdir()

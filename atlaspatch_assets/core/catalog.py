@@ -7,7 +7,9 @@ Layout (hive-free, one flat folder per table)::
       slides/<time_ns>-<pid>-<uuid>.parquet  one file per append
       events/<time_ns>-<pid>-<uuid>.parquet
       events/<time_ns>-compact-<uuid>.parquet  written by `compact`, replaces many small files
-      events/.<name>.tmp                     in-flight writes (hidden: ignored by every reader)
+      events/.<name>.<pid>@<host>.tmp        in-flight writes (hidden: ignored by every reader);
+                                             one left by a killed writer is removed by the next
+                                             writer of that table on the same host
 
 Every append is one new Parquet file with a unique name, written to a hidden temp file and
 renamed, so concurrent writers (threads, processes, hosts on a shared POSIX filesystem) never
@@ -113,6 +115,7 @@ _SCHEMAS: dict[str, pa.Schema] = {
 }
 
 _HOST = socket.gethostname()
+_SWEPT: set[str] = set()  # table folders this process already cleared of dead writers' temporaries
 _LOCAL_FS = pafs.LocalFileSystem()
 # compacted file path → the names it replaces (files are immutable and names unique)
 _LINEAGE: dict[str, tuple[str, ...]] = {}
@@ -174,7 +177,7 @@ def write_parquet_atomic(
     d: Path, name: str, tbl: pa.Table, durable: bool = False, kv: Mapping[str, str] | None = None
 ) -> Path:
     """`tbl` as `d/name`, all or nothing: a hidden temporary (ignored by every reader), then a rename."""
-    tmp = d / f".{name}.tmp"
+    tmp = d / f".{name}.{os.getpid()}@{_HOST}.tmp"  # whose it is: a dead writer's is swept (_sweep_orphans)
     try:
         with open(tmp, "wb") as fh:
             with pq.ParquetWriter(fh, tbl.schema) as w:
@@ -195,6 +198,9 @@ def write_parquet_atomic(
 def append_file(d: Path, tbl: pa.Table, durable: bool = False) -> Path:
     """One append of an append-only Parquet table folder: a new file with a unique, time-ordered name."""
     d.mkdir(parents=True, exist_ok=True)
+    if str(d) not in _SWEPT:  # once per process and folder: temporaries of killed writers
+        _sweep_orphans(d)
+        _SWEPT.add(str(d))
     name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.parquet"
     return write_parquet_atomic(d, name, tbl, durable)
 
@@ -527,6 +533,25 @@ def _dedup_events(t: pa.Table) -> pa.Table:
     first = keyed.group_by("event_id").aggregate([("_i", "min")])["_i_min"]
     keep = pa.concat_arrays([first.combine_chunks(), idx.filter(pc.is_null(ids).combine_chunks())])
     return t.take(pc.take(keep, pc.sort_indices(keep)))  # original order
+
+
+def _sweep_orphans(d: Path) -> int:
+    """Remove hidden temp files of writers on this host whose process is gone (killed mid-write);
+    other hosts' temporaries are left to the age-based sweep of `compact`."""
+    from .store.files import _pid_alive
+
+    n = 0
+    try:
+        names = [e.name for e in os.scandir(d) if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        stem, at, host = name[: -len(".tmp")].rpartition("@")  # host names may hold dots, never '@'
+        owner = stem.rpartition(".")[2]
+        if at and host == _HOST and owner.isdigit() and not _pid_alive(int(owner)):
+            (d / name).unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def _sweep_temps(d: Path, max_age: float) -> int:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .errors import GeometryError
 from .geometry import PatchGeometry
 
+INT32_MAX = 2**31 - 1  # coordinates are stored as int32 (ARCHITECTURE.md, "Geometry")
 DEFAULT_MIN_TISSUE_FRACTION = 0.5  # like CLAM's "center in contour" rule, but measured on area
 CONTENT_MAJORITY = 0.7  # a patch is white/black when >= 70 % of its pixels are
 
@@ -21,7 +23,13 @@ class Tiling:
 
 
 def lattice(width: int, height: int, size0: int, step0: int) -> np.ndarray:
-    """Slide-global lattice anchored at (0, 0): every patch lies fully inside the slide."""
+    """Slide-global lattice anchored at (0, 0): every patch lies fully inside the slide.
+
+    A slide wider or taller than int32 level-0 coordinates is refused (never wrapped around)."""
+    if max(width, height) > INT32_MAX:
+        raise GeometryError(
+            f"slide of {width}x{height} px exceeds the int32 level-0 coordinates of the store (max {INT32_MAX})"
+        )
     xs = np.arange(0, width - size0 + 1, step0, dtype=np.int64)
     ys = np.arange(0, height - size0 + 1, step0, dtype=np.int64)
     if xs.size == 0 or ys.size == 0:

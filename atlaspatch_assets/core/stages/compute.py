@@ -12,6 +12,17 @@ from ..params import param, split_names
 
 PLUGINS_ENV = "ATLASPATCH_FEATURE_PLUGINS"
 
+
+def plugins_from_env() -> list[str]:
+    """Plugin files named in $ATLASPATCH_FEATURE_PLUGINS: absolute paths only (a relative name
+    would import whatever file of that name the process's working directory holds)."""
+    paths = split_names(os.environ.get(PLUGINS_ENV))
+    relative = [p for p in paths if not os.path.isabs(p)]
+    if relative:
+        raise ValueError(f"${PLUGINS_ENV} must list absolute paths of plugin files; not: {', '.join(relative)}")
+    return paths
+
+
 PRECISION_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -57,7 +68,7 @@ class ModelParams:
         default_factory=dict, help="Weights file of one slide encoder, NAME=PATH (repeatable)"
     )
     plugins: list[str] = param(
-        default_factory=lambda: split_names(os.environ.get(PLUGINS_ENV)),
+        default_factory=lambda: plugins_from_env(),
         help="Python file defining register_feature_extractors(registry, device, dtype, num_workers) "
         f"(repeatable; the UI: ${PLUGINS_ENV})",
         cli="feature-plugin",

@@ -195,3 +195,21 @@ def test_no_temporary_files_left(runs: Runs) -> None:
                 bad.append(os.path.join(dirpath, name))
     assert bad == []
     assert list(runs.output.rglob("*.h5")), "the runs wrote no slide store"
+
+
+def test_cli_runs_batch_consecutive_slides_and_report_each(tmp_path: Path) -> None:
+    """New slides are consecutive partitions: one Dagster run covers them, each slide reported alone."""
+    from atlaspatch_assets.core.discovery import SlideFile
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("a.svs", "c.svs"):
+        shutil.copyfile(CMU, inp / name)
+    (inp / "b.svs").write_text("not a slide")
+    slides = [SlideFile(str(inp / n), n[0]) for n in ("a.svs", "b.svs", "c.svs")]
+    instance = DagsterInstance.ephemeral()
+    seen: list[str] = []
+    outs = run_slides(slides, _opts(tmp_path / "out"), instance=instance, on_progress=lambda o: seen.append(o.slide_id))
+    assert [(o.slide_id, o.status) for o in outs] == [("a", "done"), ("b", "failed"), ("c", "done")]
+    assert seen == ["a", "b", "c"]  # each as it finished
+    assert len(instance.get_runs()) == 1 and all(o.run_id == outs[0].run_id for o in outs)

@@ -148,11 +148,19 @@ def _job_name(plan: StagePlan) -> str:
 
 
 class _Collector:
-    """The reporter sink of one CLI run: outcomes by slide, progress forwarded."""
+    """The reporter sink of one CLI run: each slide's summary line as soon as its stages finish."""
 
-    def __init__(self, on_patches: Callable[[str, str, int, int], None] | None = None):
-        self.by_slide: dict[str, list[Outcome]] = {}
-        self.on_patches = on_patches
+    def __init__(
+        self,
+        files: dict[str, SlideFile],
+        layout: RunLayout,
+        on_progress: Callable[[SlideOutcome], None] | None = None,
+        on_patches: Callable[[str, str, int, int], None] | None = None,
+    ):
+        self.files, self.layout = files, layout
+        self.on_progress, self.on_patches = on_progress, on_patches
+        self.done: dict[str, SlideOutcome] = {}
+        self.clock = time.perf_counter()  # when the slide now in progress started
 
     @staticmethod
     def render(section: str, name: str) -> str:
@@ -161,7 +169,12 @@ class _Collector:
         return cli_ref(section, name)
 
     def outcomes(self, slide_id: str, outcomes: list[Outcome]) -> None:
-        self.by_slide[slide_id] = list(outcomes)
+        o = summarize(slide_id, self.files[slide_id].path, list(outcomes), self.layout)
+        now = time.perf_counter()
+        o.seconds, self.clock = now - self.clock, now
+        self.done[slide_id] = o
+        if self.on_progress:
+            self.on_progress(o)
 
     def progress(self, slide_id: str, asset: str, done: int, total: int) -> None:
         if self.on_patches is not None:
@@ -213,58 +226,83 @@ def _catalog(layout: RunLayout) -> Any:
     return Catalog(layout.catalog_dir)
 
 
+BATCH_ENV = "ATLASPATCH_CLI_BATCH"
+DEFAULT_BATCH = 25
+
+
+def batches(ids: Sequence[str], order: Sequence[str], size: int) -> list[list[str]]:
+    """Runs of slides that are consecutive partitions (a Dagster run covers a partition range),
+    at most `size` each, in partition order."""
+    pos = {k: i for i, k in enumerate(order)}
+    out: list[list[str]] = []
+    for k in sorted(ids, key=lambda k: pos[k]):
+        if out and len(out[-1]) < size and pos[out[-1][-1]] + 1 == pos[k]:
+            out[-1].append(k)
+        else:
+            out.append([k])
+    return out
+
+
 def run_slides(
     slides: Sequence[SlideFile],
     settings: RunSettings,
     instance: DagsterInstance | None = None,
     on_progress: Callable[[SlideOutcome], None] | None = None,
     on_patches: Callable[[str, str, int, int], None] | None = None,
+    batch: int | None = None,
 ) -> list[SlideOutcome]:
-    """One in-process run per slide of the plan's assets; a failing slide fails its own run only."""
+    """In-process runs of the plan's assets over batches of up to `batch` slides ($ATLASPATCH_CLI_BATCH,
+    25; a run's start costs seconds with a SQLite instance). Each slide is reported as soon as it is
+    done; a failing slide fails alone (its partition Failed, the others Materialized)."""
     instance = instance or get_instance()
+    batch = batch or int(os.environ.get(BATCH_ENV) or DEFAULT_BATCH)
+    layout = settings.layout
     sink = f"cli-{uuid.uuid4().hex}"
-    collector = _Collector(on_patches)
-    register_sink(sink, collector)
     try:
         defs = definitions(settings, sink)
         job = defs.resolve_job_def(_job_name(settings.plan))
         ids = register_slides(slides, settings, instance)
+        collector = _Collector(ids, layout, on_progress, on_patches)
+        register_sink(sink, collector)
         cfg = run_config(settings.plan, settings.verbose)
         selection = [AssetKey(a.split("/")) for a in settings.plan.assets]
-        layout = settings.layout
-        outcomes: list[SlideOutcome] = []
-        current: tuple[str, SlideFile, float] | None = None
+        order = instance.get_dynamic_partitions(SLIDES_PARTITION)
+        interrupted = False
+        planned = batches(list(ids), order, max(1, batch))
         try:
             with stop_on_signals():  # between runs; inside a run the step handles them the same way
-                for slide_id, sf in ids.items():
-                    current = (slide_id, sf, time.perf_counter())
-                    result = job.execute_in_process(
-                        run_config=cfg,
-                        instance=instance,
-                        partition_key=slide_id,
-                        raise_on_error=False,
-                        asset_selection=selection,
+                for keys in planned:
+                    collector.clock = time.perf_counter()
+                    where: dict[str, Any] = (
+                        {"partition_key": keys[0]}
+                        if len(keys) == 1
+                        else {
+                            "tags": {
+                                "dagster/asset_partition_range_start": keys[0],
+                                "dagster/asset_partition_range_end": keys[-1],
+                            }
+                        }
                     )
-                    got = collector.by_slide.pop(slide_id, [])
-                    o = summarize(slide_id, sf.path, got, layout)
-                    if not got and not result.success:  # the run failed before any stage ran
-                        o.status, o.reason = FAILED, failure_reason(result) or "run failed"
-                    o.seconds, o.run_id = time.perf_counter() - current[2], result.run_id
-                    current = None
-                    if last_signal() or (not got and was_interrupted(result)):
-                        o.status, o.reason = INTERRUPTED, interrupted_reason()
-                        outcomes.append(o)
+                    result = job.execute_in_process(
+                        run_config=cfg, instance=instance, raise_on_error=False, asset_selection=selection, **where
+                    )
+                    if last_signal() or was_interrupted(result):
+                        interrupted = True
                         break
-                    outcomes.append(o)
-                    if on_progress:
-                        on_progress(o)
+                    for k in keys:  # the run failed before these slides' stages reported (not a slide failure)
+                        if k not in collector.done:
+                            o = SlideOutcome(k, ids[k].path, FAILED, failure_reason(result) or "run failed")
+                            collector.done[k] = o
+                    for k in keys:
+                        collector.done[k].run_id = result.run_id
         except StageInterrupted:
-            if current is not None:
-                sid, sf, t0 = current
-                o = SlideOutcome(sid, sf.path, INTERRUPTED, interrupted_reason(), seconds=time.perf_counter() - t0)
-                outcomes.append(o)
-        done = {o.slide_id for o in outcomes}
-        outcomes += [SlideOutcome(k, sf.path, NOT_STARTED) for k, sf in ids.items() if k not in done]
+            interrupted = True
+        outcomes = [collector.done[k] for k in ids if k in collector.done]
+        left = [k for keys in planned for k in keys if k not in collector.done]  # in processing order
+        if interrupted and left:  # the slide in progress (its run's first unreported one)
+            outcomes.append(SlideOutcome(left[0], ids[left[0]].path, INTERRUPTED, interrupted_reason()))
+            left = left[1:]
+        outcomes += [SlideOutcome(k, ids[k].path, NOT_STARTED) for k in left]
         _catalog(layout).maybe_compact()  # keeps catalog reads fast after many small appends
         return outcomes
     finally:

@@ -34,7 +34,7 @@ from ..core.checks import checks_for
 from ..core.stages import Outcome
 from ..core.store import RunLayout
 
-RESOURCES = ("store", "slide_source", "compute", "models")
+RESOURCES = ("store", "slide_source", "compute", "models", "slurm")
 MAX_FAILURES_IN_MESSAGE = 10
 
 

@@ -38,6 +38,7 @@ from ..config import derive, to_params
 from ..execution import execute_locally, resolve_refs
 from ..partitions import slides_partitions
 from ..resources import ComputeResource, ModelsResource, ReporterResource, SlideSourceResource, StoreResource
+from ..slurm import SlurmResource
 
 BACKFILL_BATCH_ENV = "ATLASPATCH_BACKFILL_BATCH"
 DEFAULT_BATCH_SIZE = 25
@@ -204,6 +205,7 @@ def build_slide_assets(encoders: Sequence[str], targets: Sequence[SlideTarget], 
         compute: ComputeResource,
         models: ModelsResource,
         reporter: ReporterResource,
+        slurm: SlurmResource,
     ):
         from dagster import Failure
 
@@ -229,7 +231,8 @@ def build_slide_assets(encoders: Sequence[str], targets: Sequence[SlideTarget], 
             reporter.outcomes(sid, outcomes)
 
         refs = resolve_refs(list(context.partition_keys), plan, env, slide_source)
-        execute_locally(refs, plan, env, models, report)
+        execute = slurm.executor(context) if slurm.enabled else execute_locally  # same signature
+        execute(refs, plan, env, models, report)
         out.finish()
         yield from ()
 

@@ -13,7 +13,7 @@ from atlaspatch_assets.core.errors import UsageError
 from atlaspatch_assets.core.jobs import Stopper
 from atlaspatch_assets.core.slurm import _FIELD, JobInfo, SlurmParams, batch_script, end_reason
 from atlaspatch_assets.core.stages import CoordsParams, MaskParams, SlideTarget, StageInterrupted, StagePlan
-from atlaspatch_assets.defs.slurm import SLURM_CONFIG_ENV, slurm_from_env, split_plan
+from atlaspatch_assets.defs.slurm import SLURM_CONFIG_ENV, for_job, slurm_from_env, split_plan
 
 # `scontrol show job -o` lines as Slurm 22.05 prints them (shortened)
 OOM = (
@@ -85,6 +85,7 @@ def test_batch_script_options_environment_and_exec(tmp_path: Path) -> None:
     ):
         assert f"#SBATCH {opt}" in lines
     assert lines.index("module load cuda/12.1") < lines.index("export HF_HOME='/shared/hf cache'")
+    assert "export OMP_NUM_THREADS=8" in lines  # torch uses the job's CPUs, not the node's
     assert lines[-1] == "exec /opt/py/bin/python -m x run /w/job.json"  # exec: Slurm's signals reach Python
     probe = batch_script(p, ["py"], name="p", log="/w/p.log", env={}, probe=True)
     assert "#SBATCH --gres=gpu:1" not in probe and "#SBATCH --cpus-per-task=1" in probe
@@ -104,6 +105,9 @@ def test_split_plan_runs_the_stages_before_from_stage_here() -> None:
     assert remote.assets == ["features/mobilenet_v2", "slide_features/mean_mobilenet_v2"]
     local, remote = split_plan(plan, "tissue_mask")
     assert local.assets == [] and remote.assets == plan.assets
+    local, remote = for_job(local, remote, SlurmParams(cpus_per_task=2, device="cuda"))
+    assert (remote.compute.num_workers, remote.compute.device, remote.coords.patch_workers) == (2, "cuda", 2)
+    assert local.compute.device == "cpu"  # the stages kept in the Dagster process are unchanged
     local, remote = split_plan(plan, "slide_features")
     assert remote.assets == ["slide_features/mean_mobilenet_v2"]
     assert local.assets + remote.assets == plan.assets

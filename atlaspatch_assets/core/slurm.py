@@ -57,9 +57,12 @@ class SlurmParams:
     partition: str = param("", "Partition (--partition); empty = the cluster's default")
     account: str = param("", "Account (--account)")
     qos: str = param("", "Quality of service (--qos)")
-    cpus_per_task: int = param(4, "CPUs of the job (--cpus-per-task; also the reader threads' ceiling)", ge=1)
+    cpus_per_task: int = param(
+        4, "CPUs of the job (--cpus-per-task; caps its reader threads and OMP_NUM_THREADS)", ge=1
+    )
     mem: str = param("16G", "Memory of the job (--mem), e.g. 16G")
     gres: str = param("", "Generic resources (--gres), e.g. gpu:1 or gpu:a100:1")
+    device: str = param("", "Device in the job (e.g. cuda; segmentation and models); empty = the compute resource's")
     time_limit: str = param("02:00:00", "Time limit of one job (--time), e.g. 02:00:00 or 1-00:00:00")
     stop_grace: int = param(
         120,
@@ -269,7 +272,8 @@ def batch_script(
 ) -> str:
     """A bash batch script: #SBATCH options, setup lines, exports, then `exec` of the command (so
     Slurm's signals reach the Python process itself, not a shell waiting for it)."""
-    exports = {**p.env, **env}
+    threads = {} if probe else {"OMP_NUM_THREADS": str(p.cpus_per_task)}  # torch: the job's CPUs, not the node's
+    exports = {**threads, **p.env, **env}
     bad = [k for k in exports if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
     if bad:
         raise UsageError(f"{ref('slurm', 'env')}: {bad[0]!r} is not an environment variable name")

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -191,11 +192,23 @@ def split_plan(plan: StagePlan, from_stage: str) -> tuple[StagePlan, StagePlan]:
     return local, remote
 
 
+def for_job(local: StagePlan, remote: StagePlan, p: SlurmParams) -> tuple[StagePlan, StagePlan]:
+    """The job's part of the plan sized to the job: reader threads at most its CPUs, its device."""
+    c = remote.compute
+    compute = replace(c, num_workers=min(c.num_workers, p.cpus_per_task), **({"device": p.device} if p.device else {}))
+    coords = (
+        replace(remote.coords, patch_workers=min(remote.coords.patch_workers, p.cpus_per_task))
+        if remote.coords
+        else None
+    )
+    return local, replace(remote, compute=compute, coords=coords)
+
+
 def execute_on_slurm(
     context: Any, p: SlurmParams, refs: dict[str, Any], plan: StagePlan, env: StageEnv, models: Any, report: Report
 ) -> None:
     """The local stages here, then one Slurm job for the slides whose upstream worked."""
-    local_plan, remote_plan = split_plan(plan, p.from_stage)
+    local_plan, remote_plan = for_job(*split_plan(plan, p.from_stage), p)
     local: dict[str, list[Outcome]] = {}
     todo: list[SlideRef] = []
     for sid, ref in refs.items():

@@ -108,7 +108,7 @@ def slurm_options(slurm_cluster: Cluster) -> dict:
         "enabled": True,
         "slurm_conf": slurm_cluster.conf,
         "python": sys.executable,
-        "env": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        "env": {"PYTHONPATH": str(REPO)},
         "cpus_per_task": 1,
         "mem": "3G",
         "time_limit": "00:15:00",

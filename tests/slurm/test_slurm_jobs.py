@@ -353,3 +353,29 @@ def test_storage_the_nodes_do_not_see_fails_before_submitting(tmp_path: Path, sl
     new = slurm_cluster.jobs()[before:]
     assert [j["JobName"] for j in new].count("atlaspatch-probe") == 1  # recorded after the first good check
     assert not slurm_cluster.queued()
+
+
+def test_a_job_whose_dagster_step_died_stops_by_itself(tmp_path: Path, slurm_cluster: Cluster, slurm_options):
+    """The run process is SIGKILLed (it cannot scancel): the job sees its heartbeat file stop
+    changing for `orphan_timeout` seconds and stops as on SIGTERM — no job is left running."""
+    slides = copies(tmp_path / "slides", ["o1", "o2"])
+    out, home = tmp_path / "out", tmp_path / "home"
+    home.mkdir()
+    spec = json.dumps({"out": str(out), "slides": slides, "slurm": {**slurm_options, "orphan_timeout": 4}})
+    code = RUNNER.format(tests=str(REPO / "tests"), repo=str(REPO))
+    env = {**slurm_cluster.env, "DAGSTER_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-c", code, spec], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        job = _wait("the running job", lambda: running_jobs(slurm_cluster))[0]
+        time.sleep(2.0)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    t0 = time.monotonic()
+    _wait("the orphaned job to stop", lambda: not any(q.split()[0] == job for q in slurm_cluster.queued()), 90)
+    assert time.monotonic() - t0 < 60
+    state = next(j for j in slurm_cluster.jobs() if j["JobId"] == job)
+    assert (state["JobState"], state["ExitCode"]) == ("FAILED", "143:0")
+    (log,) = out.glob(".slurm/*/try0-*/job.log")
+    assert "the Dagster step stopped watching this job" in log.read_text()
+    assert_no_temp_files(out)

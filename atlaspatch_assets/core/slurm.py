@@ -244,22 +244,13 @@ def end_reason(info: JobInfo | None, params: SlurmParams) -> tuple[str, bool]:
 def sbatch_options(p: SlurmParams, *, name: str, log: str, probe: bool = False) -> list[str]:
     """The `#SBATCH` options of a job (a probe job asks for 1 CPU, 1G and 5 minutes, no GRES)."""
     opts = [f"--job-name={name}", f"--output={log}", "--open-mode=append", "--nodes=1", "--ntasks=1"]
-    if p.partition:
-        opts.append(f"--partition={p.partition}")
-    if p.account:
-        opts.append(f"--account={p.account}")
-    if p.qos:
-        opts.append(f"--qos={p.qos}")
+    given = [("partition", p.partition), ("account", p.account), ("qos", p.qos)]
     if probe:
-        opts += ["--cpus-per-task=1", "--mem=1G", "--time=00:05:00"]
+        given += [("cpus-per-task", 1), ("mem", "1G"), ("time", "00:05:00")]
     else:
-        opts += [f"--cpus-per-task={p.cpus_per_task}", f"--time={p.time_limit}"]
-        if p.mem:
-            opts.append(f"--mem={p.mem}")
-        if p.gres:
-            opts.append(f"--gres={p.gres}")
-        if p.stop_grace:
-            opts.append(f"--signal=B:USR1@{p.stop_grace}")
+        given += [("cpus-per-task", p.cpus_per_task), ("time", p.time_limit), ("mem", p.mem), ("gres", p.gres)]
+        given.append(("signal", f"B:USR1@{p.stop_grace}" if p.stop_grace else ""))
+    opts += [f"--{k}={v}" for k, v in given if v]  # empty = the cluster's default
     # Dagster's retry policy re-submits (and skips what is stored): a Slurm requeue would re-run
     # the job behind the step's back, with the Pipes session already closed.
     opts.append("--no-requeue")

@@ -286,9 +286,9 @@ class SlurmBatch:
         p = self.p
         root = work_root(p, self.env)
         work = root / self.context.run.run_id / f"try{self.context.retry_number}-{uuid.uuid4().hex[:8]}"
-        work.mkdir(parents=True, exist_ok=True)
         if self.terminating():  # e.g. the retry Dagster starts after an interrupt: submit nothing
             raise Failure("the run was terminated before its Slurm job was submitted", allow_retries=False)
+        work.mkdir(parents=True, exist_ok=True)
         try:
             if p.check_storage:
                 problem = check_shared_storage(p, self.env, refs, root, work, self.log)

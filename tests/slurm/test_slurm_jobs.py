@@ -23,6 +23,7 @@ from conftest import BROKEN, CMU
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from test_dagster import _partition_status
 
+from atlaspatch_assets.core.store.files import TMP_MARK
 from atlaspatch_assets.defs.definitions import build_definitions
 from atlaspatch_assets.defs.jobs import ENCODE_SLIDE, PROCESS
 from atlaspatch_assets.defs.resources import SlideSourceResource, StoreResource
@@ -99,7 +100,7 @@ def catalog_events(out: Path) -> list[dict]:
 
 def assert_no_temp_files(out: Path) -> None:
     """Every store was written whole: no temporary file of an interrupted write is left."""
-    leftovers = [p for p in out.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.startswith(".tmp"))]
+    leftovers = [p for p in out.rglob("*") if TMP_MARK in p.name or p.name.endswith(".tmp")]
     assert not leftovers, leftovers
 
 

@@ -50,6 +50,8 @@ def test_instance_configs_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         concurrency = instance.get_concurrency_config()
         assert concurrency.run_queue_config.max_concurrent_runs == 2
         assert concurrency.pool_config.default_pool_limit == 1
+        limits = concurrency.run_queue_config.tag_concurrency_limits
+        assert [(t["key"], t["limit"]) for t in limits] == [("atlaspatch/gpu", 1)]  # model runs: one per GPU
         assert instance.run_monitoring_enabled and not instance.telemetry_enabled
         assert str(instance.root_directory) == str(home)  # SQLite storage under $DAGSTER_HOME
     pg = tmp_path / "pg"

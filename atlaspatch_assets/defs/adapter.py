@@ -37,7 +37,7 @@ from ..core.signals import stop_on_signals
 from ..core.stages import Outcome, StageInterrupted
 from ..core.store import RunLayout
 
-RESOURCES = ("store", "slide_source", "compute", "models")
+RESOURCES = ("store", "slide_source", "compute", "models", "slurm")
 MAX_FAILURES_IN_MESSAGE = 10
 # A step whose failures are all transient I/O errors (they outlived core.retry's in-place retries)
 # is run again; the good slides are skipped by recipe then. Deterministic failures and stops by

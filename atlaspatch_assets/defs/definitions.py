@@ -16,6 +16,7 @@ from .assets.patch_stores import patch_store_assets
 from .io_managers import SlideStoreIOManager
 from .resources import ComputeResource, ModelsResource, ReporterResource, SlideSourceResource, StoreResource
 from .sensors import build_new_slides_sensor, inbox_asset
+from .slurm import SlurmResource, slurm_from_env
 
 ENCODERS_ENV = "ATLASPATCH_ENCODERS"
 SLIDE_ENCODERS_ENV = "ATLASPATCH_SLIDE_ENCODERS"
@@ -99,6 +100,7 @@ def build_definitions(
     encoders: Sequence[str] | None = None,
     slide_encoders: Sequence[str] | None = None,
     reporter: ReporterResource | None = None,
+    slurm: SlurmResource | None = None,
 ) -> Definitions:
     """Assets, checks, jobs, sensor and resources; `encoders` = the `features/<name>` assets to define."""
     from .assets.slides import build_slide_assets, encoder_key, slide_key
@@ -150,6 +152,7 @@ def build_definitions(
         "models": models,
         "reporter": reporter or ReporterResource(),
         "slide_store_io": SlideStoreIOManager(store=store),
+        "slurm": slurm or SlurmResource(),  # disabled: the slides run in process
     }
     return Definitions(
         assets=assets,
@@ -168,6 +171,6 @@ def __getattr__(name: str) -> Any:
     # `defs` (the code location of workspace.yaml) is built on first access, not on import:
     # the CLI builds its own definitions and should not pay for the default ones.
     if name == "defs":
-        globals()["defs"] = value = build_definitions()
+        globals()["defs"] = value = build_definitions(slurm=slurm_from_env())  # $ATLASPATCH_SLURM_CONFIG
         return value
     raise AttributeError(name)

@@ -24,9 +24,15 @@ DESCRIPTIONS = {
 }
 
 
+GPU_TAG = "atlaspatch/gpu"  # runs that load models; dagster.yaml's run queue limits them (one GPU)
+
+
 def slide_job(name: str, *extra: Sequence[AssetKey]) -> Any:
     keys = [*SLIDE_GEOMETRY, *(k for group in extra for k in group)]
-    return define_asset_job(name, selection=AssetSelection.assets(*keys), description=DESCRIPTIONS[name])
+    # The per-slide stages are one step, so a Dagster pool cannot single out their GPU part:
+    # jobs that run models carry a run tag the run queue counts instead.
+    tags = {GPU_TAG: "true"} if any(k.path[0] in ("features", "slide_features") for g in extra for k in g) else {}
+    return define_asset_job(name, selection=AssetSelection.assets(*keys), description=DESCRIPTIONS[name], tags=tags)
 
 
 def patient_job(keys: Sequence[AssetKey]) -> Any:

@@ -36,6 +36,7 @@ from ..config import derive, to_params
 from ..execution import execute_locally, resolve_refs
 from ..partitions import slides_partitions
 from ..resources import ComputeResource, ModelsResource, ReporterResource, SlideSourceResource, StoreResource
+from ..slurm import SlurmResource
 
 BACKFILL_BATCH_ENV = "ATLASPATCH_BACKFILL_BATCH"
 DEFAULT_BATCH_SIZE = 25
@@ -211,6 +212,7 @@ def build_slide_assets(
         compute: ComputeResource,
         models: ModelsResource,
         reporter: ReporterResource,
+        slurm: SlurmResource,
     ):
         from dagster import Failure
 
@@ -239,7 +241,8 @@ def build_slide_assets(
 
         with interruptible(context, out):
             refs = resolve_refs(list(context.partition_keys), plan, env, slide_source)
-            execute_locally(refs, plan, env, models, report)
+            execute = slurm.executor(context) if slurm.enabled else execute_locally  # same signature
+            execute(refs, plan, env, models, report)
         out.finish()
         yield from ()
 

@@ -126,7 +126,7 @@ def build_definitions(
             )
     slide_assets = build_slide_assets(names, targets, registry, cannot_run)
     assets: list[Any] = [slide_assets, catalog, inbox_asset]
-    assets += patch_store_assets
+    assets += patch_store_assets()
     job_defs: list[Any] = [jobs.slide_job(jobs.SEGMENT_AND_COORDS)]
     feature_keys = [encoder_key(n) for n in names]
     if names:

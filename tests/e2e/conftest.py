@@ -113,6 +113,7 @@ class DagsterStack:
             "ATLASPATCH_ENCODERS": "mobilenet_v2",
             "ATLASPATCH_SLIDE_ENCODERS": "mean_mobilenet_v2",
             "ATLASPATCH_SLIDE_DIRS": str(self.library),
+            "ATLASPATCH_PATCH_STORES": "none",  # the lineage of patch_coords stays small enough to draw in detail
             "PYTHONUNBUFFERED": "1",
             "PYTHONWARNINGS": "ignore",
         }

@@ -3,11 +3,13 @@ kind, partitioned by slide, each partition written atomically by `core.training.
 reported through the shared adapter (a slide that fails is Failed with its reason, the others
 Materialized)."""
 
+import os
 from typing import Any
 
 from dagster import AssetDep, AssetExecutionContext, AssetSpec, BackfillPolicy, Config, Failure, multi_asset
 
 from ...core.errors import UsageError
+from ...core.params import split_names
 from ...core.training.patch_export import PatchExport, PatchStoreParams, asset_name
 from ...core.training.patch_stores import STORES
 from ..adapter import PartitionReporter, asset_key, dagster_ref
@@ -55,4 +57,20 @@ def build_patch_store_asset(kind: str) -> Any:
     return patch_store
 
 
-patch_store_assets = [build_patch_store_asset(k) for k in STORES]
+PATCH_STORES_ENV = "ATLASPATCH_PATCH_STORES"
+
+
+def configured_patch_stores() -> list[str]:
+    """$ATLASPATCH_PATCH_STORES: which `patch_store/<kind>` assets exist (default all; `none`)."""
+    raw = os.environ.get(PATCH_STORES_ENV)
+    if raw is None or not raw.strip():
+        return list(STORES)
+    kinds = [k for k in split_names(raw) if k != "none"]
+    unknown = sorted(set(kinds) - set(STORES))
+    if unknown:
+        raise ValueError(f"${PATCH_STORES_ENV}: unknown patch store kind(s) {unknown}; choose from {list(STORES)}")
+    return kinds
+
+
+def patch_store_assets() -> list[Any]:
+    return [build_patch_store_asset(k) for k in configured_patch_stores()]

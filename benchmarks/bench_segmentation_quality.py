@@ -46,6 +46,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from bench_segment_coords import baseline_tree  # benchmarks/ is on sys.path when run as a script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared" / "slides"
@@ -648,15 +649,6 @@ def run_child(
     if p.returncode != 0 or not lines:
         raise RuntimeError(f"child {tag} failed (rc={p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
-
-
-def baseline_tree(commit: str, into: Path) -> Path:
-    """The package as it was at `commit` (git archive: read-only on the repository)."""
-    archive = subprocess.run(
-        ["git", "archive", commit, "atlaspatch_assets"], cwd=REPO_ROOT, capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
 
 
 # -- report -----------------------------------------------------------------------------------------

@@ -233,7 +233,9 @@ DEFAULT_BATCH = 25
 def batches(ids: Sequence[str], order: Sequence[str], size: int) -> list[list[str]]:
     """Runs of slides that are consecutive partitions (a Dagster run covers a partition range),
     at most `size` each, in partition order."""
-    pos = {k: i for i, k in enumerate(order)}
+    pos: dict[str, int] = {}
+    for i, k in enumerate(order):  # first place: two processes registering at once can add a key twice
+        pos.setdefault(k, i)
     out: list[list[str]] = []
     for k in sorted(ids, key=lambda k: pos[k]):
         if out and len(out[-1]) < size and pos[out[-1][-1]] + 1 == pos[k]:

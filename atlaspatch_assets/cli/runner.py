@@ -25,6 +25,7 @@ from ..core.stages import FAILED, SKIPPED, ModelParams, Outcome, StageInterrupte
 from ..core.store import GeometryParams, RunLayout
 from ..defs import jobs
 from ..defs.definitions import build_definitions
+from ..defs.instance import open_instance
 from ..defs.partitions import PATIENTS_PARTITION, SLIDES_PARTITION
 from ..defs.resources import (
     ComputeResource,
@@ -132,13 +133,6 @@ def definitions(settings: RunSettings, sink: str = "") -> Any:
         slide_encoders=[t.name for t in settings.plan.targets],
         reporter=r["reporter"],
     )
-
-
-def get_instance() -> DagsterInstance:
-    """The $DAGSTER_HOME instance when set (runs visible in the UI), else an ephemeral one."""
-    if os.environ.get("DAGSTER_HOME"):
-        return DagsterInstance.get()
-    return DagsterInstance.ephemeral()
 
 
 def _job_name(plan: StagePlan) -> str:
@@ -256,7 +250,7 @@ def run_slides(
     """In-process runs of the plan's assets over batches of up to `batch` slides ($ATLASPATCH_CLI_BATCH,
     25; a run's start costs seconds with a SQLite instance). Each slide is reported as soon as it is
     done; a failing slide fails alone (its partition Failed, the others Materialized)."""
-    instance = instance or get_instance()
+    instance = instance or open_instance()
     batch = batch or int(os.environ.get(BATCH_ENV) or DEFAULT_BATCH)
     layout = settings.layout
     sink = f"cli-{uuid.uuid4().hex}"
@@ -326,7 +320,7 @@ def run_patients(
     """Patient embeddings for cases whose slides (ids) already have their slide embeddings."""
     from ..core.stages.embeddings import register_patients
 
-    instance = instance or get_instance()
+    instance = instance or open_instance()
     defs = definitions(settings)
     job = defs.resolve_job_def(jobs.ENCODE_PATIENT)
     layout = settings.layout

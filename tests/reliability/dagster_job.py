@@ -13,10 +13,9 @@ import os
 import sys
 from typing import Any
 
-from dagster import DagsterInstance
-
 from atlaspatch_assets.core.discovery import assign_ids, discover
 from atlaspatch_assets.defs.definitions import build_definitions
+from atlaspatch_assets.defs.instance import open_instance
 from atlaspatch_assets.defs.resources import ReporterResource, SlideSourceResource, StoreResource, register_sink
 
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, path in ids.items():
         source.register(key, path)
     print("IDS", json.dumps(ids), flush=True)
-    instance = DagsterInstance.get()
+    instance = open_instance()
     new = [k for k in ids if not instance.has_dynamic_partition("slides", k)]
     instance.add_dynamic_partitions("slides", new)
     job = defs.resolve_job_def(a.job)

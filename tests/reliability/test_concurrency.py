@@ -195,3 +195,42 @@ def test_8_catalog_writers_with_a_compactor_and_a_reader(tmp_path: Path, report:
     report.add("concurrency", "8 catalog writers: writers / rows lost (torn reads)", f"8 / {lost} ({torn})")
     assert lost == 0 and torn == 0 and reads > 0
     assert util.temporaries(root) == []
+
+
+def _open_instance(home: str, out: Any) -> None:
+    import os
+
+    os.environ["DAGSTER_HOME"] = home
+    try:
+        from atlaspatch_assets.defs.instance import open_instance
+
+        with open_instance() as instance:
+            instance.add_dynamic_partitions("slides", [f"s{os.getpid()}"])
+        out.put("ok")
+    except Exception as exc:  # reported, so the assertion names what broke
+        out.put(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+
+def test_processes_starting_on_a_fresh_instance_at_once(tmp_path: Path, report: Any) -> None:
+    """4 processes (CLI runs, a script) open one fresh $DAGSTER_HOME at the same moment: the SQLite
+    schema is created once and every process works (unserialized, alembic's version row races)."""
+    ctx = mp.get_context("spawn")
+    results = []
+    for trial in range(2):
+        home = tmp_path / f"home{trial}"
+        home.mkdir()
+        shutil.copyfile(util.REPO / "dagster.yaml", home / "dagster.yaml")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_open_instance, args=(str(home), q)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        results += [q.get(timeout=300) for _ in procs]
+        for p in procs:
+            p.join(60)
+        from dagster import DagsterInstance
+
+        with DagsterInstance.from_config(str(home)) as instance:
+            assert len(instance.get_dynamic_partitions("slides")) == 4
+    failed = [r for r in results if r != "ok"]
+    report.add("concurrency", "processes opening a fresh instance / failed", f"{len(results)} / {len(failed)}")
+    assert not failed, failed

@@ -13,6 +13,7 @@ from dagster import Definitions
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
 
+from atlaspatch_assets.defs.jobs import GPU_TAG
 from atlaspatch_assets.defs.slurm import SLURM_CONFIG_ENV, slurm_from_env
 
 DEPLOY = Path(__file__).resolve().parents[1] / "resources" / "deploy"
@@ -58,6 +59,8 @@ def test_k8s_instance_has_queued_runs_pools_and_a_valid_run_launcher(tmp_path: P
     config, _ = dagster_instance_config(str(home))
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"]["pools"]["default_limit"] >= 1
+    limits = {t["key"]: t["limit"] for t in config["concurrency"]["runs"]["tag_concurrency_limits"]}
+    assert limits[GPU_TAG] >= 1  # the tag the model jobs carry
     checked = process_config(K8sRunLauncher.config_type(), config["run_launcher"]["config"])
     assert checked.success, checked.errors
 
@@ -69,6 +72,8 @@ def test_postgres_instance_has_queued_runs_and_the_pool_limit(tmp_path: Path) ->
     config, _ = dagster_instance_config(str(home))
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"]["pools"]["default_limit"] == 1
+    limits = {t["key"]: t["limit"] for t in config["concurrency"]["runs"]["tag_concurrency_limits"]}
+    assert limits[GPU_TAG] == 1  # one run holding the GPU host's model at a time
 
 
 def test_slurm_resource_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,10 +27,11 @@ from . import corpus, util, workers
 ENCODER = "mobilenet_v2"
 SID = "cmu"
 MIN_MID_WRITE_KILLS = 10  # per stage: >= 20 kill points inside store writes in all
-MAX_ROUNDS = 30
-# (stage, patch, step at 20x, longest wait after the temporary appeared): coords on a dense lattice
-# (~30k rows: a long write), features on ~10 patches of 448 px (a short encoder pass)
+MAX_ROUNDS = 40
+# (stage, patch, step at 20x, longest wait after the temporary appeared when the write could not be
+# timed): coords on a dense lattice (~30k rows: a long write), features on ~10 patches of 448 px
 STAGES = (("coords", 224, 8, 0.04), ("features", 448, 448, 0.1))
+CALIBRATION_RUNS = 3
 
 
 def _ctx() -> Any:
@@ -69,6 +70,24 @@ def _start(ctx: Any, out: Path, patch: int, step: int, stage: str) -> Any:
     return p
 
 
+def _temp_lifetime(ctx: Any, out: Path, store_dir: Path, patch: int, step: int, stage: str) -> float | None:
+    """Seconds the stage's temporary store file exists in one uninterrupted run (None: not seen)."""
+    p = _start(ctx, out, patch, step, stage)
+    t0 = None
+    lifetime = None
+    while p.is_alive():
+        present = bool(_temps(store_dir))
+        if present and t0 is None:
+            t0 = time.perf_counter()
+        elif not present and t0 is not None:
+            lifetime = time.perf_counter() - t0
+            break
+        time.sleep(0.0005)
+    p.join(300)
+    assert p.exitcode == 0
+    return lifetime
+
+
 def _kill_rounds(
     ctx: Any, out: Path, stage: str, patch: int, step: int, wait: float, rng: random.Random
 ) -> dict[str, Any]:
@@ -79,6 +98,13 @@ def _kill_rounds(
     assert base.exitcode == 0
     before = _digest(store.path)
     earlier = [n for n in before if not n.startswith("features/")] if stage == "features" else ["tissue/mask"]
+    # Kill within the time the write takes here and now (it varies with the machine's load): a
+    # fixed window would mostly miss a short write, which then ends before the kill.
+    lifetimes = [
+        t for _ in range(CALIBRATION_RUNS) if (t := _temp_lifetime(ctx, out, store.path.parent, patch, step, stage))
+    ]
+    if lifetimes:
+        wait = 1.25 * sorted(lifetimes)[len(lifetimes) // 2]  # some kills land after the rename
     kills = mid_write = corrupt = 0
     left_by_kills: list[Path] = []
     for _ in range(MAX_ROUNDS):
